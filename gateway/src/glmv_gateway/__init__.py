@@ -1,0 +1,1 @@
+"""glmv_gateway."""

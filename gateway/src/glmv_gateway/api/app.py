@@ -1,0 +1,71 @@
+"""The FastAPI application: state in the lifespan, routers, error handlers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from glmv_common.logs import get_logger, kv, setup_logging
+from glmv_gateway.api import health, jobs, sessions, turns, ws
+from glmv_gateway.api.errors import install_error_handlers
+from glmv_gateway.api.state import AppState
+from glmv_gateway.clients import ServiceClients, compatibility_problems
+from glmv_gateway.jobs.worker import make_celery
+from glmv_gateway.sessions import SessionStore
+from glmv_gateway.settings import GatewaySettings
+
+log = get_logger("glmv.gateway")
+VERSION = "0.1.0"
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = SessionStore.from_url(settings.redis_url, settings.session_ttl_s, settings.lock_ttl_s)
+        clients = ServiceClients(settings.tokenizer_addr, settings.lm_addr, settings.decoder_addr)
+        app.state.glmv = AppState(settings=settings, store=store, clients=clients)
+        app.state.celery = make_celery(settings)
+        try:
+            problems = compatibility_problems(await clients.infos())
+            if problems:
+                log.error("model services are incompatible: %s", "; ".join(problems))
+            else:
+                log.info("model services compatible", extra=kv(**clients.addrs))
+        except Exception as exc:  # services may start after the gateway; /readyz reports it
+            log.warning("model services not reachable yet: %s", exc)
+        yield
+        await clients.close()
+        await store.redis.aclose()
+
+    app = FastAPI(
+        title="GLM-4-Voice gateway",
+        version=VERSION,
+        description="Spoken turns with GLM-4-Voice: audio or text in, interleaved text and speech out.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    app.include_router(turns.router)
+    app.include_router(ws.router)
+    app.include_router(jobs.router)
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = GatewaySettings()
+    setup_logging("gateway", settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        ws="websockets",
+    )

@@ -1,0 +1,56 @@
+"""Webhook delivery: POST the job's JSON summary, signed with HMAC-SHA256, retried with backoff.
+
+Headers: ``X-GLMV-Signature: sha256=<hex HMAC of the raw body>``, ``X-GLMV-Job-Id`` (receivers can
+deduplicate by it: delivery is at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import httpx
+
+from glmv_common.logs import get_logger, kv
+
+log = get_logger("glmv.jobs.webhook")
+
+
+def sign(body: bytes, secret: str) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, secret: str, signature: str) -> bool:
+    return hmac.compare_digest(sign(body, secret), signature)
+
+
+async def deliver(
+    url: str, payload: dict[str, Any], *, secret: str, retries: int, backoff_s: float, timeout_s: float = 10.0
+) -> tuple[bool, str]:
+    """Returns (delivered, last status or error)."""
+    body = json.dumps(payload, sort_keys=True).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-GLMV-Signature": sign(body, secret),
+        "X-GLMV-Job-Id": str(payload.get("job_id", "")),
+        "User-Agent": "glmvoice-webhook/1",
+    }
+    delay = backoff_s
+    last = ""
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        for attempt in range(retries + 1):
+            try:
+                response = await client.post(url, content=body, headers=headers)
+                last = f"HTTP {response.status_code}"
+                if 200 <= response.status_code < 300:
+                    return True, last
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            log.warning("webhook attempt failed", extra=kv(url=url, attempt=attempt + 1, result=last))
+            if attempt < retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+    return False, last

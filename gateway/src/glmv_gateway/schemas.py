@@ -1,0 +1,84 @@
+"""Request and response bodies of the public API (also the session settings stored in Redis)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Style(Strict):
+    """Style instructions the LM renders as text the way the model was trained to read them."""
+
+    emotion: str | None = Field(None, max_length=64, examples=["happy"])
+    speed: str | None = Field(None, max_length=64, examples=["slow"])
+    dialect: str | None = Field(None, max_length=64, examples=["Cantonese"])
+    language: str | None = Field(None, max_length=64, examples=["English"])
+    free_text: str | None = Field(None, max_length=500)
+
+
+class OutputAudio(Strict):
+    sample_rate: int = Field(22050, description="8000, 16000, 22050 (native), 24000 or 48000 Hz")
+    encoding: Literal["pcm16", "float32", "mulaw", "alaw"] = "pcm16"
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _rate(cls, value: int) -> int:
+        if value not in OUTPUT_RATES:
+            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}")
+        return value
+
+
+class SessionSettings(Strict):
+    """Per-session defaults; every field is optional when creating or patching a session."""
+
+    mode: Literal["audio", "text"] | None = Field(
+        None, description="System prompt: speech or text instruction. Default: the first turn's input kind."
+    )
+    style: Style = Field(default_factory=Style)
+    temperature: float = Field(0.2, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(50, ge=0, le=100_000)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    max_new_tokens: int = Field(2000, ge=1, le=8192)
+    max_audio_tokens: int | None = Field(None, ge=1, le=8192)
+    seed: int | None = Field(None, ge=0, description="LM sampling seed (reproducible replies)")
+    decoder_seed: int | None = Field(None, ge=0, description="Flow-matching noise seed (default 42)")
+    output: OutputAudio = Field(default_factory=OutputAudio)
+    chunk_schedule: list[int] | None = Field(
+        None, min_length=1, max_length=32, description="Audio tokens per decoder chunk; last repeats"
+    )
+
+    @field_validator("chunk_schedule")
+    @classmethod
+    def _schedule(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 1 <= v <= 1000 for v in value):
+            raise ValueError("chunk sizes must be between 1 and 1000 tokens")
+        return value
+
+
+class SessionPatch(Strict):
+    """Fields to change; nested objects replace the stored ones."""
+
+    mode: Literal["audio", "text"] | None = None
+    style: Style | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_new_tokens: int | None = Field(None, ge=1, le=8192)
+    max_audio_tokens: int | None = Field(None, ge=1, le=8192)
+    seed: int | None = Field(None, ge=0)
+    decoder_seed: int | None = Field(None, ge=0)
+    output: OutputAudio | None = None
+    chunk_schedule: list[int] | None = Field(None, min_length=1, max_length=32)
+
+
+class TextTurn(Strict):
+    text: str = Field(..., min_length=1, max_length=20_000)

@@ -1,0 +1,185 @@
+"""Sessions in Redis: settings, history of turns, one-turn-at-a-time locks, per-key turn slots.
+
+Schema (all keys expire ``session_ttl_s`` after the last use; no audio is ever stored):
+
+* ``glmv:session:{id}``        hash: ``settings`` (JSON), ``created_at``, ``updated_at`` (unix seconds),
+                               ``turns`` (count of stored turns), ``owner`` (sha256 of the API key
+                               that created it: other keys see the session as not found)
+* ``glmv:session:{id}:turns``  list of JSON turns, oldest first:
+                               ``{"turn_id", "user": {"kind": "audio"|"text", "tokens"|"text"},
+                                  "assistant": {"ids", "text", "audio_tokens", "end_reason", "partial"},
+                                  "timings": {...}, "created_at"}``
+* ``glmv:session:{id}:lock``   the running turn's id; ``SET NX PX lock_ttl`` so a crashed gateway
+                               frees the session after the TTL
+* ``glmv:apikey-turns:{hash}`` sorted set of running turn ids per API key (score = start time)
+* ``glmv:apikeys``             set of sha256 hex digests of API keys accepted besides the env ones
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+PREFIX = "glmv"
+
+_RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+"""
+
+
+class SessionNotFound(LookupError):
+    pass
+
+
+class SessionBusy(RuntimeError):
+    pass
+
+
+class TooManyTurns(RuntimeError):
+    pass
+
+
+def key_digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass
+class Session:
+    id: str
+    settings: dict[str, Any]
+    created_at: float
+    updated_at: float
+    turns: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "settings": self.settings,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "turns": self.turns,
+        }
+
+
+class SessionStore:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, lock_ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self.lock_ttl_s = lock_ttl_s
+        self._release = client.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int, lock_ttl_s: int) -> SessionStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), ttl_s, lock_ttl_s)
+
+    @staticmethod
+    def _key(session_id: str, suffix: str = "") -> str:
+        return f"{PREFIX}:session:{session_id}{':' + suffix if suffix else ''}"
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def create(self, settings: dict[str, Any], owner: str = "") -> Session:
+        session_id = uuid.uuid4().hex
+        now = time.time()
+        key = self._key(session_id)
+        mapping = {"settings": json.dumps(settings), "created_at": now, "updated_at": now, "turns": 0}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={**mapping, "owner": key_digest(owner) if owner else ""})
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+        return Session(session_id, settings, now, now, 0)
+
+    async def get(self, session_id: str, *, owner: str | None = None, touch: bool = True) -> Session:
+        """``owner``: the caller's API key; a session created with another key is not found."""
+        key = self._key(session_id)
+        data = await self.redis.hgetall(key)
+        if not data:
+            raise SessionNotFound(session_id)
+        if owner is not None and data.get("owner") and data["owner"] != key_digest(owner):
+            raise SessionNotFound(session_id)
+        if touch:
+            await self._touch(session_id)
+        return Session(
+            session_id,
+            json.loads(data["settings"]),
+            float(data["created_at"]),
+            float(data["updated_at"]),
+            int(data.get("turns", 0)),
+        )
+
+    async def _touch(self, session_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(self._key(session_id), self.ttl_s)
+            pipe.expire(self._key(session_id, "turns"), self.ttl_s)
+            await pipe.execute()
+
+    async def update_settings(self, session_id: str, settings: dict[str, Any]) -> Session:
+        session = await self.get(session_id, touch=False)
+        now = time.time()
+        await self.redis.hset(
+            self._key(session_id), mapping={"settings": json.dumps(settings), "updated_at": now}
+        )
+        session.settings, session.updated_at = settings, now
+        return session
+
+    async def delete(self, session_id: str) -> None:
+        removed = await self.redis.delete(
+            self._key(session_id), self._key(session_id, "turns"), self._key(session_id, "lock")
+        )
+        if not removed:
+            raise SessionNotFound(session_id)
+
+    async def history(self, session_id: str) -> list[dict[str, Any]]:
+        return [json.loads(t) for t in await self.redis.lrange(self._key(session_id, "turns"), 0, -1)]
+
+    async def append_turn(self, session_id: str, turn: dict[str, Any]) -> None:
+        turns_key = self._key(session_id, "turns")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(turns_key, json.dumps(turn))
+            pipe.hincrby(self._key(session_id), "turns", 1)
+            pipe.hset(self._key(session_id), "updated_at", time.time())
+            pipe.expire(turns_key, self.ttl_s)
+            pipe.expire(self._key(session_id), self.ttl_s)
+            await pipe.execute()
+
+    # --- one turn at a time per session ----------------------------------------------------------
+
+    async def acquire_turn(self, session_id: str, turn_id: str) -> None:
+        if not await self.redis.set(self._key(session_id, "lock"), turn_id, nx=True, ex=self.lock_ttl_s):
+            raise SessionBusy(session_id)
+
+    async def release_turn(self, session_id: str, turn_id: str) -> None:
+        await self._release(keys=[self._key(session_id, "lock")], args=[turn_id])
+
+    # --- concurrent turns per API key --------------------------------------------------------------
+
+    async def acquire_key_slot(self, api_key: str, turn_id: str, limit: int) -> None:
+        key = f"{PREFIX}:apikey-turns:{key_digest(api_key)}"
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, 0, now - self.lock_ttl_s)  # slots of crashed gateways
+            pipe.zadd(key, {turn_id: now})
+            pipe.zcard(key)
+            pipe.expire(key, self.lock_ttl_s)
+            _, _, count, _ = await pipe.execute()
+        if count > limit:
+            await self.redis.zrem(key, turn_id)
+            raise TooManyTurns(f"this API key already runs {limit} turns")
+
+    async def release_key_slot(self, api_key: str, turn_id: str) -> None:
+        await self.redis.zrem(f"{PREFIX}:apikey-turns:{key_digest(api_key)}", turn_id)
+
+    # --- API keys stored in Redis --------------------------------------------------------------------
+
+    async def add_api_key(self, api_key: str) -> None:
+        await self.redis.sadd(f"{PREFIX}:apikeys", key_digest(api_key))
+
+    async def has_api_key(self, api_key: str) -> bool:
+        return bool(await self.redis.sismember(f"{PREFIX}:apikeys", key_digest(api_key)))

@@ -1,0 +1,75 @@
+"""Gateway settings (environment variables with the ``GLMV_GATEWAY_`` prefix)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SCHEDULE = (10, 25, 50, 100, 150, 200)
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLMV_GATEWAY_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Sessions, locks and API keys.")
+    tokenizer_addr: str = Field("127.0.0.1:50051", description="host:port of the tokenizer service.")
+    lm_addr: str = Field("127.0.0.1:50052", description="host:port of the LM service.")
+    decoder_addr: str = Field("127.0.0.1:50053", description="host:port of the decoder service.")
+    api_keys: str = Field(
+        "", description="Comma-separated API keys accepted besides those stored in Redis (glmv:apikeys)."
+    )
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_audio_seconds: float = Field(120.0, gt=0, description="Longest accepted user utterance.")
+    session_ttl_s: int = Field(
+        24 * 3600, ge=60, description="Idle sessions expire after this (refreshed on use)."
+    )
+    lock_ttl_s: int = Field(
+        300, ge=5, description="A turn lock expires after this (a crashed gateway frees it)."
+    )
+    max_turns_per_key: int = Field(8, ge=1, description="Concurrent turns one API key may run.")
+    chunk_schedule: Annotated[tuple[int, ...], NoDecode] = Field(
+        DEFAULT_SCHEDULE, description="Audio tokens per decoder chunk; the last size repeats."
+    )
+    tokenize_timeout_s: float = Field(60.0, gt=0, description="Deadline of a Tokenize call.")
+    turn_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of the LM and decoder streams of a turn."
+    )
+    # batch jobs (Celery)
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/1", description="Celery broker (Redis by default; amqp://... for RabbitMQ)."
+    )
+    jobs_dir: str = Field(".run/jobs", description="Shared directory for job inputs and results.")
+    job_result_ttl_s: int = Field(
+        24 * 3600, ge=60, description="Job metadata and result files expire after this."
+    )
+    job_max_retries: int = Field(5, ge=0, description="Retries of a job whose services are UNAVAILABLE.")
+    job_retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each retry.")
+    job_visibility_timeout_s: int = Field(
+        600, ge=1, description="A job whose worker died is redelivered after this (Redis broker)."
+    )
+    webhook_secret: str = Field("", description="HMAC-SHA256 key signing webhook bodies (X-GLMV-Signature).")
+    webhook_retries: int = Field(5, ge=0, description="Webhook delivery retries (exponential backoff).")
+    webhook_backoff_s: float = Field(0.5, gt=0, description="First webhook retry delay; doubles each retry.")
+    log_level: str = Field("INFO")
+    log_format: Literal["json", "text"] = Field("json")
+
+    @field_validator("chunk_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        return value
+
+    @field_validator("chunk_schedule")
+    @classmethod
+    def _check_schedule(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("chunk_schedule needs at least one positive size")
+        return value
+
+    def static_api_keys(self) -> set[str]:
+        return {k.strip() for k in self.api_keys.split(",") if k.strip()}

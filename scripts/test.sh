@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: set up the venv, make sure Redis answers, lint, then run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-dev.sh
+scripts/ensure-redis.sh
+scripts/lint.sh
+export OMP_NUM_THREADS=1
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q "$@"

@@ -1,0 +1,1 @@
+"""Code shared by the GLM-4-Voice services and the gateway (no torch here)."""

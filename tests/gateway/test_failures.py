@@ -1,0 +1,61 @@
+"""A model service killed mid-turn: error event naming it, /readyz 503, session intact, recovery."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from glmv_gateway.client import GatewayClient
+
+from .conftest import FAST, stack_db, start_stack
+
+
+@pytest.fixture
+def own_stack(dev_models, tmp_path):
+    stack = start_stack(dev_models, tmp_path, db=stack_db("own"))
+    yield stack
+    stack.stop()
+
+
+def wait_ready(stack, expect: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{stack.gateway_url}/readyz", timeout=10)
+        if response.status_code == expect:
+            return response.json()
+        time.sleep(0.2)
+    raise AssertionError(f"/readyz never answered {expect}: {response.json()}")
+
+
+@pytest.mark.parametrize("victim", ["decoder", "lm"])
+def test_service_killed_mid_turn(own_stack, sample_wav: bytes, victim: str) -> None:
+    stack = own_stack
+    with GatewayClient(stack.gateway_url, stack.api_key) as client:
+        session = client.create_session(max_new_tokens=2000, seed=7, temperature=1.0, top_p=1.0)
+        first = client.turn(session["id"], text="warm up")  # one good turn in history
+        events = []
+        for event in client.stream_turn(session["id"], audio=sample_wav, content_type="audio/wav"):
+            events.append(event)
+            if len(events) == 3:
+                stack.kill(victim)
+        kinds = [e["type"] for e in events]
+        assert "error" in kinds, kinds
+        error = next(e for e in events if e["type"] == "error")
+        assert error["component"] == victim and error["code"] == "UNAVAILABLE"
+        assert kinds[-1] == "turn.done" and events[-1]["partial"] is True
+        assert events[-1]["end_reason"] == "error"
+
+        body = wait_ready(stack, 503)
+        assert body["services"][victim].startswith("unreachable")
+
+        turns = client.history(session["id"])["turns"]
+        assert turns[0]["turn_id"] == first.done["turn_id"]
+        assert len(turns) in (1, 2) and all(t["assistant"]["partial"] for t in turns[1:])
+
+        stack.start_service(victim)
+        wait_ready(stack, 200)
+        client.patch_session(session["id"], **FAST)
+        again = client.turn(session["id"], audio=sample_wav, content_type="audio/wav")
+        assert again.error is None and again.done["partial"] is False
