@@ -40,6 +40,7 @@ def start_stack(dev_models: dict[str, Path], tmp: Path, db: int, **gateway_env: 
         "GLMV_GATEWAY_MAX_AUDIO_SECONDS": "20",
         "GLMV_GATEWAY_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "GLMV_GATEWAY_WEBHOOK_BACKOFF_S": "0.2",
+        "GLMV_GATEWAY_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "GLMV_GATEWAY_JOB_VISIBILITY_TIMEOUT_S": "3",
         "GLMV_GATEWAY_JOB_RETRY_BACKOFF_S": "0.5",
         "GLMV_GATEWAY_JOB_MAX_RETRIES": "2",

@@ -118,6 +118,9 @@ def test_job_states_progress_and_cancel(client: GatewayClient, sample_wav: bytes
         ({"text": "hi", "options": {"no_such_option": 1}}, 422, "no_such_option"),
         ({"text": ""}, 400, "non-empty"),
         ({"text": "hi", "webhook_url": "ftp://example.invalid/x"}, 400, "http(s)"),
+        # SSRF guard: only the allow-listed 127.0.0.1 may be private
+        ({"text": "hi", "webhook_url": "http://169.254.169.254/latest/meta-data/"}, 400, "ALLOWED_HOSTS"),
+        ({"text": "hi", "webhook_url": "http://localhost:6379/"}, 400, "'localhost' is not in"),
         ({"audio": b"\x00" * (3 * 1024 * 1024)}, 413, "limit"),
     ],
 )

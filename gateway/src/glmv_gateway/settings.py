@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from glmv_gateway.jobs.webhook_policy import WebhookPolicy, parse_host_list
+
 DEFAULT_SCHEDULE = (10, 25, 50, 100, 150, 200)
 
 
@@ -52,6 +54,14 @@ class GatewaySettings(BaseSettings):
         600, ge=1, description="A job whose worker died is redelivered after this (Redis broker)."
     )
     webhook_secret: str = Field("", description="HMAC-SHA256 key signing webhook bodies (X-GLMV-Signature).")
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated webhook hosts (name, *.suffix or IP) allowed even if private; "
+        "when set, no other host is allowed.",
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook targets on loopback/private/link-local addresses (SSRF risk)."
+    )
     webhook_retries: int = Field(5, ge=0, description="Webhook delivery retries (exponential backoff).")
     webhook_backoff_s: float = Field(0.5, gt=0, description="First webhook retry delay; doubles each retry.")
     log_level: str = Field("INFO")
@@ -70,6 +80,9 @@ class GatewaySettings(BaseSettings):
         if not value or any(v < 1 for v in value):
             raise ValueError("chunk_schedule needs at least one positive size")
         return value
+
+    def webhook_policy(self) -> WebhookPolicy:
+        return WebhookPolicy(parse_host_list(self.webhook_allowed_hosts), self.webhook_allow_private)
 
     def static_api_keys(self) -> set[str]:
         return {k.strip() for k in self.api_keys.split(",") if k.strip()}

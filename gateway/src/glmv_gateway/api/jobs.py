@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from typing import Any
-from urllib.parse import urlparse
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -19,6 +18,7 @@ from glmv_gateway.api.errors import ApiError
 from glmv_gateway.api.state import AppState, app_state
 from glmv_gateway.api.turns import read_body
 from glmv_gateway.jobs.store import TERMINAL, JobStore, write_atomic
+from glmv_gateway.jobs.webhook_policy import WebhookRefused
 from glmv_gateway.jobs.worker import TASK_NAME
 from glmv_gateway.schemas import SessionSettings
 from glmv_gateway.sessions import key_digest
@@ -44,17 +44,20 @@ def parse_options(raw: Any) -> dict[str, Any]:
         raise ApiError(422, f"invalid options: {where}: {first.get('msg')}") from None
 
 
-def check_webhook(url: Any, state: AppState) -> str:
+async def check_webhook(url: Any, state: AppState) -> str:
     if url in (None, ""):
         return ""
-    parsed = urlparse(str(url))
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ApiError(400, f"webhook_url must be an http(s) URL, got {url!r}")
+    if not isinstance(url, str) or len(url) > 2048:
+        raise ApiError(400, "webhook_url must be an http(s) URL of at most 2048 characters")
     if not state.settings.webhook_secret:
         raise ApiError(
             400, "webhooks are disabled: the gateway has no GLMV_GATEWAY_WEBHOOK_SECRET to sign them"
         )
-    return str(url)
+    try:
+        await state.settings.webhook_policy().check(url)
+    except WebhookRefused as exc:
+        raise ApiError(400, str(exc)) from None
+    return url
 
 
 @router.post("", status_code=202)
@@ -73,7 +76,7 @@ async def submit_job(
         upload = form.get("audio")
         text = form.get("text")
         options = parse_options(form.get("options"))
-        webhook_url = check_webhook(form.get("webhook_url"), state)
+        webhook_url = await check_webhook(form.get("webhook_url"), state)
         if upload is not None and not isinstance(upload, str):
             audio = await read_upload(upload, limit)
     elif media == "application/json":
@@ -88,7 +91,7 @@ async def submit_job(
             raise ApiError(400, f"unknown fields: {sorted(unknown)}")
         text = body.get("text")
         options = parse_options(body.get("options"))
-        webhook_url = check_webhook(body.get("webhook_url"), state)
+        webhook_url = await check_webhook(body.get("webhook_url"), state)
     else:
         raise ApiError(415, "submit a job as multipart/form-data (audio file) or application/json (text)")
     if audio is None and not (isinstance(text, str) and text.strip()):

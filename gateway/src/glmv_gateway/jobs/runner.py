@@ -207,6 +207,7 @@ async def send_webhook(job_id: str, jobs: JobStore, settings: GatewaySettings) -
         job["webhook_url"],
         payload,
         secret=settings.webhook_secret,
+        policy=settings.webhook_policy(),
         retries=settings.webhook_retries,
         backoff_s=settings.webhook_backoff_s,
     )

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from glmv_common.logs import get_logger, kv
+from glmv_gateway.jobs.webhook_policy import WebhookPolicy, WebhookRefused, WebhookUnresolved
 
 log = get_logger("glmv.jobs.webhook")
 
@@ -28,9 +29,17 @@ def verify(body: bytes, secret: str, signature: str) -> bool:
 
 
 async def deliver(
-    url: str, payload: dict[str, Any], *, secret: str, retries: int, backoff_s: float, timeout_s: float = 10.0
+    url: str,
+    payload: dict[str, Any],
+    *,
+    secret: str,
+    policy: WebhookPolicy,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float = 10.0,
 ) -> tuple[bool, str]:
-    """Returns (delivered, last status or error)."""
+    """Returns (delivered, last status or error). The target is re-checked against ``policy`` before
+    every attempt: what it resolves to may have changed since the job was submitted."""
     body = json.dumps(payload, sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
@@ -43,10 +52,16 @@ async def deliver(
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         for attempt in range(retries + 1):
             try:
+                await policy.check(url)
                 response = await client.post(url, content=body, headers=headers)
                 last = f"HTTP {response.status_code}"
                 if 200 <= response.status_code < 300:
                     return True, last
+            except WebhookUnresolved as exc:
+                last = str(exc)
+            except WebhookRefused as exc:
+                log.warning("webhook refused", extra=kv(url=url, reason=str(exc)))
+                return False, f"refused: {exc}"
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             log.warning("webhook attempt failed", extra=kv(url=url, attempt=attempt + 1, result=last))
