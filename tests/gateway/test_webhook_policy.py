@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from glmv_gateway.jobs.webhook import deliver, verify
-from glmv_gateway.jobs.webhook_policy import WebhookPolicy, WebhookRefused, parse_host_list
+from glmv_gateway.jobs.webhook_policy import WebhookPolicy, WebhookRefused, _pin, parse_host_list
 from glmv_gateway.settings import GatewaySettings
 
 from .webhook_server import WebhookReceiver
@@ -106,3 +107,36 @@ async def test_unresolvable_target_is_retried_at_delivery() -> None:
         backoff_s=0.01,
     )
     assert not ok and "does not resolve" in status and not status.startswith("refused")
+
+
+async def test_a_vetted_name_is_pinned_to_the_checked_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the request goes to the address that passed the check, not a fresh lookup."""
+
+    async def resolve(host: str, port: int) -> set[str]:
+        if host == "8.8.8.8":
+            return {host}
+        assert (host, port) == ("hooks.example.com", 8443)
+        return {"93.184.216.34"}
+
+    monkeypatch.setattr(WebhookPolicy, "_resolve", staticmethod(resolve))
+    target = await WebhookPolicy().target("https://u:p@Hooks.Example.com:8443/hook?x=1#frag")
+    assert target.url == "https://u:p@93.184.216.34:8443/hook?x=1"
+    assert target.headers == {"Host": "Hooks.Example.com:8443"}
+    assert target.extensions == {"sni_hostname": "hooks.example.com"}
+    # IP literals and trusted hosts are used as given
+    assert (await WebhookPolicy().target("http://8.8.8.8/h")).url == "http://8.8.8.8/h"
+    assert (await WebhookPolicy(("hooks.example.com",)).target("http://hooks.example.com/")).headers == {}
+
+
+async def test_a_pinned_request_reaches_the_address_with_the_original_host() -> None:
+    with WebhookReceiver() as hook:
+        port = hook.server.server_address[1]
+        target = _pin(f"http://user:pw@receiver.example:{port}/hook?a=1", "127.0.0.1")
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                target.url, content=b"{}", headers=target.headers, extensions=target.extensions
+            )
+    assert response.status_code == 204
+    headers, _ = hook.received[0]
+    assert headers["host"] == f"receiver.example:{port}"
+    assert headers["authorization"] == "Basic dXNlcjpwdw=="  # user:pw survives the pinning

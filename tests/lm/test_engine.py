@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -489,3 +490,115 @@ def test_failed_step_ends_requests_with_error_and_engine_recovers(model: GlmForC
     assert after.done is not None and after.done.end_reason is EndReason.MAX_TOKENS
     assert after.ids == reference_greedy(model, [1, 2, 3], GREEDY.max_new_tokens, BASE_SPEC)
     assert engine.running == 0
+
+
+# -- chunked prefill ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_chunked_prefill_matches_the_reference(attn: str) -> None:
+    """Prompts longer than the chunk (8) are prefilled over several iterations, one at a time, while
+    short ones join and decode; every output still equals plain greedy decoding."""
+    model = tiny_model(attn)
+    lengths = [30, 5, 57, 8, 9, 41, 2]
+    max_new = [12, 20, 9, 15, 11, 14, 25]
+    prompts = random_prompts(lengths, seed=5)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=m) for m in max_new]
+    engine = make_engine(model, max_batch_size=3, prefill_chunk=8)
+    try:
+        batched = run_all(engine, prompts, params)
+        assert engine.running == 0
+    finally:
+        engine.close()
+    for i, b in enumerate(batched):
+        assert b.ids == reference_greedy(model, prompts[i], max_new[i], BASE_SPEC), f"request {i}"
+        assert b.done is not None and b.done.prompt_tokens == lengths[i]
+
+
+class Timeline:
+    """Records the order in which two requests' tokens are produced (sinks run on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.sinks = {"short": Collector(), "long": Collector()}
+
+    def sink(self, name: str, on_token: Callable[[int], None] | None = None) -> Callable[[object], None]:
+        def record(event: object) -> None:
+            self.sinks[name](event)
+            if isinstance(event, TokenEvent):
+                self.events.append(name)
+                if on_token is not None:
+                    on_token(event.index)
+
+        return record
+
+    def short_tokens_before_long_starts(self) -> int:
+        after_submit = self.events[self.events.index("submitted") + 1 :]
+        return after_submit.index("long")
+
+
+@pytest.mark.parametrize(("chunk", "expected"), [(16, 5), (0, 0)])
+def test_long_prompt_does_not_stall_running_streams(model: GlmForCausalLM, chunk: int, expected: int) -> None:
+    """A 90-token prompt arriving while another request decodes: with 16-token chunks it takes six
+    iterations to prefill and the running stream gets a token in each of the first five; without
+    chunking the whole prompt is one forward pass and the running stream waits for it."""
+    engine = make_engine(model, max_batch_size=4, prefill_chunk=chunk)
+    long_prompt = random_prompts([90], seed=9)[0]
+    timeline = Timeline()
+    handles: list = []
+
+    def submit_long(index: int) -> None:
+        if index == 2:  # on the engine thread, between iterations' work: deterministic
+            handles.append(engine.submit(long_prompt, GREEDY, timeline.sink("long")))
+            timeline.events.append("submitted")
+
+    try:
+        short = engine.submit(
+            [1, 2, 3],
+            SamplingParams(temperature=0.0, max_new_tokens=60, max_audio_tokens=10_000),
+            timeline.sink("short", submit_long),
+        )
+        assert short.finished.wait(30) and handles and handles[0].finished.wait(30)
+    finally:
+        engine.close()
+    assert timeline.short_tokens_before_long_starts() == expected
+    assert timeline.sinks["long"].ids == reference_greedy(
+        model, long_prompt, GREEDY.max_new_tokens, BASE_SPEC
+    )
+
+
+def test_cancel_during_chunked_prefill_frees_the_slot(model: GlmForCausalLM) -> None:
+    engine = make_engine(model, max_batch_size=2, prefill_chunk=8)
+    long_prompt = random_prompts([200], seed=2)[0]
+    timeline = Timeline()
+    handles: list = []
+
+    def drive(index: int) -> None:
+        if index == 1:
+            handles.append(engine.submit(long_prompt, GREEDY, timeline.sink("long")))
+            timeline.events.append("submitted")
+        elif index == 4:  # the long prompt is 3 chunks in (of 25)
+            handles[0].cancel()
+
+    try:
+        short = engine.submit(
+            [4, 5, 6],
+            SamplingParams(temperature=0.0, max_new_tokens=30, max_audio_tokens=10_000),
+            timeline.sink("short", drive),
+        )
+        assert short.finished.wait(30) and handles[0].finished.wait(30)
+        long_done = timeline.sinks["long"].done
+        assert long_done is not None and long_done.end_reason is EndReason.CANCELLED
+        assert long_done.completion_tokens == 0
+        assert timeline.sinks["short"].done.completion_tokens == 30  # type: ignore[union-attr]
+        for _ in range(100):
+            if engine.running == 0:
+                break
+            time.sleep(0.01)
+        assert engine.running == 0
+        # both slots are usable again, including the one the chunked prefill held
+        again = run_all(engine, [long_prompt[:50], [7, 8]], [GREEDY, GREEDY])
+    finally:
+        engine.close()
+    assert again[0].ids == reference_greedy(model, long_prompt[:50], GREEDY.max_new_tokens, BASE_SPEC)
+    assert again[1].ids == reference_greedy(model, [7, 8], GREEDY.max_new_tokens, BASE_SPEC)

@@ -52,8 +52,13 @@ async def deliver(
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         for attempt in range(retries + 1):
             try:
-                await policy.check(url)
-                response = await client.post(url, content=body, headers=headers)
+                target = await policy.target(url)
+                response = await client.post(
+                    target.url,
+                    content=body,
+                    headers={**headers, **target.headers},
+                    extensions=target.extensions,
+                )
                 last = f"HTTP {response.status_code}"
                 if 200 <= response.status_code < 300:
                     return True, last

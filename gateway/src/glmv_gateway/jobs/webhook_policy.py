@@ -9,8 +9,10 @@ default a target must resolve only to public (globally routable) addresses. Oper
   hosts are refused, and listed hosts may be private (an in-cluster receiver);
 - or set ``GLMV_GATEWAY_WEBHOOK_ALLOW_PRIVATE=true`` to allow any private address.
 
-The target is checked when the job is submitted (a 400 there) and again right before delivery, so a
-name that later resolves elsewhere is still refused.
+The target is checked when the job is submitted (a 400 there) and again right before each delivery
+attempt. A name vetted by its addresses is then *pinned*: the request connects to the address that
+was checked (``Host`` header and TLS server name keep the name), so DNS cannot answer differently
+between the check and the connection (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 
 class WebhookRefused(ValueError):
@@ -46,6 +48,28 @@ def _is_public(address: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where a vetted webhook request goes."""
+
+    url: str  # the URL to request: the host replaced by the vetted address when pinned
+    headers: dict[str, str] = field(default_factory=dict)  # Host, when pinned
+    extensions: dict[str, str] = field(default_factory=dict)  # sni_hostname, when pinned over TLS
+
+
+def _pin(url: str, address: str) -> Target:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    userinfo, _, host_header = parts.netloc.rpartition("@")  # Host: as the client would send it
+    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
+    if userinfo:
+        netloc = f"{userinfo}@{netloc}"
+    pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return Target(pinned, {"Host": host_header}, extensions)
+
+
+@dataclass(frozen=True)
 class WebhookPolicy:
     allowed_hosts: tuple[str, ...] = ()
     allow_private: bool = False
@@ -62,6 +86,10 @@ class WebhookPolicy:
 
     async def check(self, url: str) -> None:
         """Raise :class:`WebhookRefused` unless ``url`` may be called."""
+        await self.target(url)
+
+    async def target(self, url: str) -> Target:
+        """Vet ``url`` and say where to send the request; raises :class:`WebhookRefused`."""
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
@@ -70,11 +98,11 @@ class WebhookPolicy:
         if parts.scheme not in ("http", "https") or not host:
             raise WebhookRefused(f"webhook_url must be an http(s) URL with a host, got {url!r}")
         if self.listed(host):
-            return
+            return Target(url)
         if self.allowed_hosts:
             raise WebhookRefused(f"webhook host {host!r} is not in GLMV_GATEWAY_WEBHOOK_ALLOWED_HOSTS")
         if self.allow_private:
-            return
+            return Target(url)
         addresses = await self._resolve(host, port or (443 if parts.scheme == "https" else 80))
         private = sorted(a for a in addresses if not _is_public(a))
         if private:
@@ -82,6 +110,11 @@ class WebhookPolicy:
                 f"webhook host {host!r} resolves to a non-public address ({', '.join(private)}); "
                 "list it in GLMV_GATEWAY_WEBHOOK_ALLOWED_HOSTS to allow it"
             )
+        try:
+            ipaddress.ip_address(host)
+            return Target(url)  # an IP literal: nothing to pin
+        except ValueError:
+            return _pin(url, sorted(addresses)[0])
 
     @staticmethod
     async def _resolve(host: str, port: int) -> set[str]:

@@ -7,6 +7,10 @@ Requests join and leave between forward passes:
 * Each iteration of the engine thread drops cancelled requests, admits waiting ones into free slots
   (up to ``max_batch_size``; their prompts are prefilled together, right-padded, within a token
   budget), then runs one decode step for every running request, sharing a single forward pass.
+* A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks of that size, one chunk per
+  iteration before the decode step (chunked prefill), so a long conversation joining never stalls the
+  running streams for more than one chunk's forward pass. It fills the highest cache slot, which a
+  decode step never reads, and moves down to the first free slot when its last chunk is in.
 * Every sampled token is handed at once to the request's *sink* (a callable run on the engine thread);
   :class:`TokenStream` is the asyncio sink: ``loop.call_soon_threadsafe`` into an unbounded per-request
   queue, so a slow client never stalls the batch and no token is ever dropped or reordered.
@@ -114,6 +118,7 @@ class EngineConfig:
     max_queue: int = 64
     max_context: int = 8192
     prefill_token_budget: int = 8192  # padded prompt tokens per prefill forward (>= one prompt)
+    prefill_chunk: int = 512  # longer prompts are prefilled this many tokens per iteration (0 = off)
     initial_cache_len: int = 512
 
 
@@ -146,6 +151,7 @@ class _Seq:
     generator: torch.Generator | None = None
     presence: torch.Tensor | None = None
     position: int = 0  # cache index where the next input token goes (== its position id)
+    prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
     next_input: int = -1
     generated: int = 0
     text_tokens: int = 0
@@ -187,6 +193,8 @@ class GenerationEngine:
         self.vocab_size = int(cfg.vocab_size)
         if self.config.max_batch_size < 1 or self.config.max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        if self.config.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0 (0 = off)")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = SlotKVCache(
             num_layers=cfg.num_hidden_layers,
@@ -205,6 +213,8 @@ class GenerationEngine:
         self._waiting: deque[_Seq] = deque()
         self._cancelled: set[RequestHandle] = set()
         self._slots: list[_Seq] = []  # index == cache slot
+        self._chunked: _Seq | None = None  # prompt being prefilled chunk by chunk, in the last slot
+        self._chunk_slot = self.config.max_batch_size - 1
         self._closing = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode forward passes run (for tests and benchmarks)
@@ -227,7 +237,8 @@ class GenerationEngine:
 
     @property
     def running(self) -> int:
-        return len(self._slots)
+        """Requests holding a cache slot (decoding, or being prefilled chunk by chunk)."""
+        return len(self._slots) + (self._chunked is not None)
 
     @property
     def waiting(self) -> int:
@@ -315,7 +326,7 @@ class GenerationEngine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._closing and not self._waiting and not self._slots:
+                    while not self._closing and not self._waiting and not self.running:
                         self._lock.wait()
                     if self._closing:
                         break
@@ -327,23 +338,31 @@ class GenerationEngine:
                     log.exception("engine step failed")
                     metrics.ERRORS.labels("engine").inc()
                     self._fail_all(admitted, exc)
-                if not self._slots and not self._waiting:
+                if not self.running and not self._waiting:
                     self.cache.shrink()
             self._shutdown()
 
     def _admit_locked(self) -> list[_Seq]:
+        """Take waiting requests in order while slots are free: long prompts become the (single)
+        chunked prefill, the others are prefilled together this iteration."""
         admitted: list[_Seq] = []
         longest = 0
-        while self._waiting and len(self._slots) + len(admitted) < self.config.max_batch_size:
+        chunk = self.config.prefill_chunk
+        while self._waiting and self.running + len(admitted) < self.config.max_batch_size:
             seq = self._waiting[0]
+            if chunk and len(seq.prompt) > chunk:
+                if self._chunked is not None:
+                    break  # one chunked prefill at a time; the queue keeps its order
+                self._waiting.popleft()
+                self._chunked = seq
+                continue
             width = max(longest, len(seq.prompt))
             if admitted and width * (len(admitted) + 1) > self.config.prefill_token_budget:
                 break
             self._waiting.popleft()
             admitted.append(seq)
             longest = width
-        if admitted:
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+        metrics.QUEUE_DEPTH.set(len(self._waiting))
         return admitted
 
     def _iteration(self, cancelled: set[RequestHandle], admitted: list[_Seq]) -> None:
@@ -352,25 +371,36 @@ class GenerationEngine:
                 if seq.handle in cancelled:
                     seq.end = EndReason.CANCELLED
             self._release_finished()
+            if self._chunked is not None and self._chunked.handle in cancelled:
+                seq, self._chunked = self._chunked, None
+                seq.end = EndReason.CANCELLED
+                self._finish(seq)
         if admitted:
             self._prefill(admitted)
+            self._release_finished()
+        if self._chunked is not None:
+            self._prefill_chunk(self._chunked)
             self._release_finished()
         if self._slots:
             self._decode()
             self._release_finished()
-        metrics.ACTIVE.set(len(self._slots))
+        metrics.ACTIVE.set(self.running)
+
+    def _start(self, seq: _Seq, now: float) -> None:
+        """Per-request sampling state, set up when the request leaves the queue."""
+        seq.t_admit = now
+        metrics.QUEUE_SECONDS.observe(now - seq.t_submit)
+        if not seq.params.greedy:
+            seq.generator = make_generator(seq.params.seed or 0)
+        if seq.params.repetition_penalty != 1.0:
+            seq.presence = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seq.presence[torch.tensor(seq.prompt, device=self.device)] = True
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         now = time.perf_counter()
         first = len(self._slots)
         for seq in seqs:
-            seq.t_admit = now
-            metrics.QUEUE_SECONDS.observe(now - seq.t_submit)
-            if not seq.params.greedy:
-                seq.generator = make_generator(seq.params.seed or 0)
-            if seq.params.repetition_penalty != 1.0:
-                seq.presence = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-                seq.presence[torch.tensor(seq.prompt, device=self.device)] = True
+            self._start(seq, now)
         self._slots.extend(seqs)  # slots first..first+len-1
         lengths = [len(s.prompt) for s in seqs]
         width = max(lengths)
@@ -393,6 +423,36 @@ class GenerationEngine:
             seq.position = len(seq.prompt)
             seq.t_prefilled = done
             self._accept(seq, tok, done)
+
+    def _prefill_chunk(self, seq: _Seq) -> None:
+        """Prefill the next chunk of a long prompt into the last cache slot; after the last chunk,
+        sample its first token and move it into the first free slot to decode with the others."""
+        now = time.perf_counter()
+        if seq.prefilled == 0:
+            self._start(seq, now)
+        start = seq.prefilled
+        end = min(start + self.config.prefill_chunk, len(seq.prompt))
+        ids = torch.tensor([seq.prompt[start:end]], device=self.device)
+        pos = torch.arange(start, end, device=self.device)
+        keys = torch.arange(end, device=self.device)
+        allowed = keys[None, :] <= pos[:, None]
+        self.cache.for_chunk(self._chunk_slot, start, end)
+        hidden = self._forward(ids, pos.unsqueeze(0), allowed[None, None])
+        seq.prefilled = end
+        metrics.PROMPT_TOKENS.inc(end - start)
+        if end < len(seq.prompt):
+            metrics.STEP_SECONDS.labels("prefill").observe(time.perf_counter() - now)
+            return
+        logits = self.model.lm_head(hidden[:, -1])
+        tok = sample_next(logits, [seq.row()], self._bias)[0]
+        done = time.perf_counter()
+        metrics.STEP_SECONDS.labels("prefill").observe(done - now)
+        self.cache.move(self._chunk_slot, len(self._slots), end)
+        self._slots.append(seq)
+        self._chunked = None
+        seq.position = end
+        seq.t_prefilled = done
+        self._accept(seq, tok, done)
 
     def _decode(self) -> None:
         started = time.perf_counter()
@@ -522,6 +582,9 @@ class GenerationEngine:
 
     def _fail_all(self, admitted: list[_Seq], exc: Exception) -> None:
         victims = list(self._slots) + [s for s in admitted if s not in self._slots]
+        if self._chunked is not None:
+            victims.append(self._chunked)
+            self._chunked = None
         self._slots.clear()
         for seq in victims:
             seq.end = EndReason.ERROR
@@ -530,9 +593,10 @@ class GenerationEngine:
 
     def _shutdown(self) -> None:
         with self._lock:
-            pending = list(self._waiting) + self._slots
+            pending = list(self._waiting) + self._slots + ([self._chunked] if self._chunked else [])
             self._waiting.clear()
             self._slots = []
+            self._chunked = None
         for seq in pending:
             seq.end = EndReason.CANCELLED
             seq.error = "the LM engine is shutting down"

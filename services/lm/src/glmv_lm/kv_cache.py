@@ -42,6 +42,7 @@ class SlotKVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._mode: tuple[str, int, int, torch.Tensor | None, int] | None = None
+        self._chunk_start = 0
         self._rows: torch.Tensor | None = None
         self.reserve(self.initial_len)
 
@@ -90,6 +91,15 @@ class SlotKVCache:
         self.reserve(length)
         self._mode = ("prefill", first_slot, count, None, length)
 
+    def for_chunk(self, slot: int, start: int, end: int) -> None:
+        """Next forward: prompt positions ``start..end-1`` of one request in ``slot`` (chunked
+        prefill); attention reads positions ``0..end-1`` of that slot."""
+        if not 0 <= slot < self.max_slots:
+            raise ValueError("no such cache slot")
+        self.reserve(end)
+        self._chunk_start = start
+        self._mode = ("chunk", slot, 1, None, end)
+
     def for_decode(self, count: int, positions: torch.Tensor, kv_len: int) -> None:
         """Next forward: one token per slot ``0..count-1``, written at ``positions`` [count]; attention
         reads the first ``kv_len`` positions."""
@@ -115,6 +125,11 @@ class SlotKVCache:
             k_view.copy_(key_states)
             v_view.copy_(value_states)
             return k_view, v_view
+        if kind == "chunk":
+            start = self._chunk_start
+            k_buf[first, :, start:length].copy_(key_states[0])
+            v_buf[first, :, start:length].copy_(value_states[0])
+            return k_buf[first : first + 1, :, :length], v_buf[first : first + 1, :, :length]
         assert positions is not None and self._rows is not None
         rows = self._rows
         k_buf[rows, :, positions] = key_states[:, :, 0]

@@ -85,6 +85,12 @@ class LmSettings(LMSettings):
     prefill_token_budget: int = Field(
         8192, ge=1, description="Padded prompt tokens prefilled together in one forward pass."
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="Longer prompts are prefilled this many tokens per engine step, between decode "
+        "steps of the running streams (0 = whole prompt at once).",
+    )
     reply_reserve_tokens: int = Field(
         512, ge=1, description="Room kept for the reply when old turns are dropped to fit the window."
     )
@@ -192,6 +198,7 @@ class LmService(lm_pb2_grpc.LanguageModelServicer):
                 max_queue=s.max_queue,
                 max_context=loaded.max_context,
                 prefill_token_budget=s.prefill_token_budget,
+                prefill_chunk=s.prefill_chunk_tokens,
                 initial_cache_len=s.initial_cache_len,
             ),
         )
