@@ -8,6 +8,7 @@ driven through the real code path by naming as "end"/"EOS"/"audio" a token the m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -602,3 +603,43 @@ def test_cancel_during_chunked_prefill_frees_the_slot(model: GlmForCausalLM) -> 
         engine.close()
     assert again[0].ids == reference_greedy(model, long_prompt[:50], GREEDY.max_new_tokens, BASE_SPEC)
     assert again[1].ids == reference_greedy(model, [7, 8], GREEDY.max_new_tokens, BASE_SPEC)
+
+
+def test_arrivals_while_decoding_are_prefilled_within_the_chunk_budget(model: GlmForCausalLM) -> None:
+    """Three 10-token prompts arrive together while a stream decodes: with a 16-token budget they join
+    one per step (2 x 10 > 16), and the running stream gets a token between each; their outputs are
+    unaffected."""
+    engine = make_engine(model, max_batch_size=4, prefill_chunk=16)
+    prompts = random_prompts([10, 10, 10], seed=11)
+    events: list[str] = []
+    sinks = [Collector() for _ in prompts]
+    handles: list = []
+
+    def record(name: str, collector: Collector) -> Callable[[object], None]:
+        def sink(event: object) -> None:
+            collector(event)
+            if isinstance(event, TokenEvent):
+                events.append(name)
+
+        return sink
+
+    def on_short(event: object) -> None:
+        if isinstance(event, TokenEvent):
+            events.append("S")
+            if event.index == 2:
+                for i, p in enumerate(prompts):
+                    handles.append(engine.submit(p, GREEDY, record(f"P{i}", sinks[i])))
+
+    try:
+        short = engine.submit(
+            [1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=40, max_audio_tokens=10_000), on_short
+        )
+        assert short.finished.wait(30) and all(h.finished.wait(30) for h in handles)
+    finally:
+        engine.close()
+    firsts = [events.index(f"P{i}") for i in range(3)]
+    assert firsts == sorted(firsts)
+    for a, b in itertools.pairwise(firsts):
+        assert "S" in events[a:b]  # a decode step ran between two admissions
+    for p, c in zip(prompts, sinks, strict=True):
+        assert c.ids == reference_greedy(model, p, GREEDY.max_new_tokens, BASE_SPEC)

@@ -10,7 +10,9 @@ Requests join and leave between forward passes:
 * A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks of that size, one chunk per
   iteration before the decode step (chunked prefill), so a long conversation joining never stalls the
   running streams for more than one chunk's forward pass. It fills the highest cache slot, which a
-  decode step never reads, and moves down to the first free slot when its last chunk is in.
+  decode step never reads, and moves down to the first free slot when its last chunk is in. While
+  streams are decoding, the prompts prefilled together in one step are also held to ``prefill_chunk``
+  padded tokens (at least one prompt), so a burst of arrivals joins over a few steps.
 * Every sampled token is handed at once to the request's *sink* (a callable run on the engine thread);
   :class:`TokenStream` is the asyncio sink: ``loop.call_soon_threadsafe`` into an unbounded per-request
   queue, so a slow client never stalls the batch and no token is ever dropped or reordered.
@@ -348,6 +350,9 @@ class GenerationEngine:
         admitted: list[_Seq] = []
         longest = 0
         chunk = self.config.prefill_chunk
+        budget = self.config.prefill_token_budget
+        if chunk and self._slots:  # streams are decoding: bound the work in front of their next token
+            budget = min(budget, chunk)
         while self._waiting and self.running + len(admitted) < self.config.max_batch_size:
             seq = self._waiting[0]
             if chunk and len(seq.prompt) > chunk:
@@ -357,7 +362,7 @@ class GenerationEngine:
                 self._chunked = seq
                 continue
             width = max(longest, len(seq.prompt))
-            if admitted and width * (len(admitted) + 1) > self.config.prefill_token_budget:
+            if admitted and width * (len(admitted) + 1) > budget:
                 break
             self._waiting.popleft()
             admitted.append(seq)
