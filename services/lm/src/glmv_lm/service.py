@@ -83,7 +83,10 @@ class LmSettings(LMSettings):
         DEFAULT_REPETITION_PENALTY, gt=0, description="Default penalty (1 = off)."
     )
     prefill_token_budget: int = Field(
-        8192, ge=1, description="Padded prompt tokens prefilled together in one forward pass."
+        8192,
+        ge=1,
+        description="Padded prompt tokens prefilled together in one forward pass (while streams are "
+        "decoding, at most PREFILL_CHUNK_TOKENS).",
     )
     prefill_chunk_tokens: int = Field(
         512,
