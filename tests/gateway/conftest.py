@@ -33,7 +33,10 @@ def dev_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_dev_models(tmp_path_factory.getbasetemp() / "models")
 
 
-def start_stack(dev_models: dict[str, Path], tmp: Path, db: int, **gateway_env: str) -> LocalStack:
+def start_stack(
+    dev_models: dict[str, Path], tmp: Path, db: int, redis_port: int = 6379, **gateway_env: str
+) -> LocalStack:
+    """``redis_port`` other than 6379: the stack starts (and stops) a private redis-server there."""
     env = {
         "GLMV_GATEWAY_LOCK_TTL_S": "5",
         "GLMV_GATEWAY_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
@@ -48,7 +51,7 @@ def start_stack(dev_models: dict[str, Path], tmp: Path, db: int, **gateway_env: 
     }
     stack = LocalStack(
         models=dev_models,
-        redis_url=f"redis://127.0.0.1:6379/{db}",
+        redis_url=f"redis://127.0.0.1:{redis_port}/{db}",
         log_dir=tmp,
         gateway_env=env,
         extra_env={"OMP_NUM_THREADS": "1"},
@@ -56,8 +59,9 @@ def start_stack(dev_models: dict[str, Path], tmp: Path, db: int, **gateway_env: 
     )
     import redis
 
-    redis.Redis.from_url(stack.redis_url).flushdb()
-    redis.Redis.from_url(stack.broker_url).flushdb()
+    if redis_port == 6379:  # shared server: start from empty databases
+        redis.Redis.from_url(stack.redis_url).flushdb()
+        redis.Redis.from_url(stack.broker_url).flushdb()
     return stack.start(timeout=240)
 
 

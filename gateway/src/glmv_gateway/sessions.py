@@ -75,8 +75,16 @@ class SessionStore:
         self._release = client.register_script(_RELEASE_LOCK)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, lock_ttl_s: int) -> SessionStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), ttl_s, lock_ttl_s)
+    def from_url(cls, url: str, ttl_s: int, lock_ttl_s: int, timeout_s: float = 5.0) -> SessionStore:
+        # Bounded waits: an unreachable or hung Redis fails a request in seconds (a 503), never hangs it.
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
+        return cls(client, ttl_s, lock_ttl_s)
 
     @staticmethod
     def _key(session_id: str, suffix: str = "") -> str:

@@ -18,6 +18,9 @@ class GatewaySettings(BaseSettings):
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Sessions, locks and API keys.")
+    redis_timeout_s: float = Field(
+        5.0, gt=0, description="Connect and read timeout of Redis calls (beyond it: 503)."
+    )
     tokenizer_addr: str = Field("127.0.0.1:50051", description="host:port of the tokenizer service.")
     lm_addr: str = Field("127.0.0.1:50052", description="host:port of the LM service.")
     decoder_addr: str = Field("127.0.0.1:50053", description="host:port of the decoder service.")

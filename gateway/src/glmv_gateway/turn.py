@@ -290,6 +290,13 @@ class TurnRun:
                 "code": error.code.name,
                 "message": error.message,
             }
+        if turn_record.get("store_error"):
+            yield {
+                "type": "error",
+                "component": "redis",
+                "code": "UNAVAILABLE",
+                "message": turn_record["store_error"],
+            }
         yield {"type": "turn.done", **turn_record["summary"]}
 
     def _end_reason(self, state: _ReplyState, error: ComponentError | None, completed: bool) -> str:
@@ -341,7 +348,7 @@ class TurnRun:
                 metrics.LM_TOKENS_PER_S.observe(done.decode_tokens_per_s)
         if timings["time_to_first_text_ms"] is not None:
             metrics.STAGE_SECONDS.labels("first_text").observe(timings["time_to_first_text_ms"] / 1000)
-        record = {"summary": summary}
+        record: dict[str, Any] = {"summary": summary}
         if state.ids:  # a turn that failed before the LM produced anything leaves history unchanged
             turn = {
                 "turn_id": self.turn_id,
@@ -357,8 +364,14 @@ class TurnRun:
                 "usage": usage,
                 "timings": timings,
             }
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(self.store.append_turn(self.session_id, turn))
+            except Exception as exc:  # the client has the reply; say it is not in the history
+                log.error("turn not saved", extra=kv(error=f"{type(exc).__name__}: {exc}"))
+                metrics.ERRORS.labels("redis", type(exc).__name__).inc()
+                record["store_error"] = (
+                    f"the reply was not saved to the session history: {type(exc).__name__}: {exc}"
+                )
         log.info("turn finished", extra=kv(end_reason=end_reason, partial=partial, **timings))
         return record
 

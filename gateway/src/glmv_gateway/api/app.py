@@ -25,7 +25,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SessionStore.from_url(settings.redis_url, settings.session_ttl_s, settings.lock_ttl_s)
+        store = SessionStore.from_url(
+            settings.redis_url, settings.session_ttl_s, settings.lock_ttl_s, settings.redis_timeout_s
+        )
         clients = ServiceClients(settings.tokenizer_addr, settings.lm_addr, settings.decoder_addr)
         app.state.glmv = AppState(settings=settings, store=store, clients=clients)
         app.state.celery = make_celery(settings)

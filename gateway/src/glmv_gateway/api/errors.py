@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from glmv_gateway import metrics
@@ -23,6 +24,10 @@ def error_body(status: int, message: str, component: str | None = None) -> dict[
     return {"error": body}
 
 
+def redis_unavailable(exc: BaseException) -> str:
+    return f"the session store (Redis) is unavailable: {type(exc).__name__}: {exc}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -34,6 +39,15 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics.HTTP_ERRORS.labels(str(exc.status_code)).inc()
         return JSONResponse(
             error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        # Sessions, locks, keys and jobs live in Redis: without it nothing can be served safely.
+        metrics.HTTP_ERRORS.labels("503").inc()
+        metrics.ERRORS.labels("redis", type(exc).__name__).inc()
+        return JSONResponse(
+            error_body(503, redis_unavailable(exc), "redis"), status_code=503, headers={"Retry-After": "1"}
         )
 
     @app.exception_handler(RequestValidationError)

@@ -25,12 +25,13 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from glmv_common import audio as audio_io
 from glmv_common.errors import AudioError
 from glmv_gateway.api.auth import websocket_api_key
-from glmv_gateway.api.errors import ApiError, error_body
+from glmv_gateway.api.errors import ApiError, error_body, redis_unavailable
 from glmv_gateway.api.state import ws_state
 from glmv_gateway.clients import ComponentError, TokenizerStream
 from glmv_gateway.sessions import SessionNotFound
@@ -97,6 +98,9 @@ class _Connection:
             )
         except TurnRejected as exc:
             await self.error(exc.status, exc.message, exc.component)
+            return
+        except RedisError as exc:
+            await self.error(503, redis_unavailable(exc), "redis")
             return
         turn_id = run.turn_id
         try:
@@ -209,6 +213,9 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         return
     except SessionNotFound:
         await _deny(websocket, 404, f"session {session_id} not found (expired or deleted)")
+        return
+    except RedisError as exc:
+        await _deny(websocket, 503, redis_unavailable(exc))
         return
     conn = _Connection(websocket, session_id, api_key)
     params = websocket.query_params
