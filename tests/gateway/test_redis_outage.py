@@ -9,19 +9,32 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from glmv_gateway.client import GatewayClient, GatewayError
 from glmv_gateway.stack import free_port
 
-from .conftest import FAST, start_stack
+from .conftest import FAST, stack_db, start_stack
 from .test_failures import wait_ready
+from .test_jobs import submit, wait_state
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 
-@pytest.fixture
-def private_redis_stack(dev_models, tmp_path):
-    stack = start_stack(dev_models, tmp_path, db=0, redis_port=free_port(), GLMV_GATEWAY_REDIS_TIMEOUT_S="2")
+@pytest.fixture(scope="module")
+def private_redis_stack(dev_models, tmp_path_factory):
+    """Sessions and jobs on a private redis-server (to kill or freeze); the Celery broker on the
+    shared one, so job retries can still be queued while the job store is away."""
+    broker_db = stack_db("own") + 1
+    redis.Redis(db=broker_db).flushdb()
+    stack = start_stack(
+        dev_models,
+        tmp_path_factory.mktemp("redis-outage"),
+        db=0,
+        redis_port=free_port(),
+        GLMV_GATEWAY_REDIS_TIMEOUT_S="2",
+        GLMV_GATEWAY_BROKER_URL=f"redis://127.0.0.1:6379/{broker_db}",
+    )
     yield stack
     stack.stop()
 
@@ -77,3 +90,31 @@ def test_redis_outage_and_recovery(private_redis_stack, sample_wav: bytes) -> No
         wait_ready(stack, 200)
         fresh = client.create_session(**FAST)
         assert client.turn(fresh["id"], text="hello again").done["partial"] is False
+
+
+def test_job_survives_a_redis_stall(private_redis_stack, sample_wav: bytes) -> None:
+    """The job store is frozen (longer than the Redis timeout) when a worker takes a job: the
+    attempt fails on its first Redis call, the worker retries it (the broker is elsewhere), and the
+    job ends done, once. Without the retry the job would stay queued forever."""
+    stack = private_redis_stack
+    stack._ensure_redis()  # (restarted by the test above if it ran first)
+    wait_ready(stack, 200)
+    worker = stack.procs["worker"]
+    with GatewayClient(stack.gateway_url, stack.api_key) as client:
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            job_id = submit(client, text="hello", options=FAST).json()["id"]
+            stack._redis_proc.send_signal(signal.SIGSTOP)
+            try:
+                worker.send_signal(signal.SIGCONT)
+                time.sleep(3.0)  # > GLMV_GATEWAY_REDIS_TIMEOUT_S: the first attempt times out
+            finally:
+                stack._redis_proc.send_signal(signal.SIGCONT)
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        job = wait_state(client, job_id, {"done", "failed"}, timeout=120)
+    assert job["state"] == "done", job
+    assert job["attempts"] == 1  # the failed attempt never got to claim the run
+    files = sorted(p.name for p in (stack.jobs_dir / job_id).iterdir())
+    assert files == ["reply.wav", "transcript.json"]
+    assert "Redis unavailable; retrying job" in (stack.log_dir / "worker.log").read_text()

@@ -142,8 +142,8 @@ async def _generate(
                 kind = event["type"]
                 if kind == "audio.delta":
                     chunks.append(event["data"])
-                elif kind == "error":
-                    error = event
+                elif kind == "error" and event.get("component") != "redis":
+                    error = event  # (a job's throwaway session history not being saved is no error)
                 elif kind == "turn.done":
                     done = event
                 if time.monotonic() - last_check > 0.5:

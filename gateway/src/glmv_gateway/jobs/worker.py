@@ -15,9 +15,11 @@ no Celery result backend is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from celery import Celery, Task
+from redis.exceptions import RedisError
 
 from glmv_common.logs import get_logger, setup_logging
 from glmv_gateway.jobs.runner import JobBusy, ServiceUnavailable, run_job
@@ -59,6 +61,17 @@ def make_celery(settings: GatewaySettings) -> Celery:
             asyncio.run(_mark_retrying(job_id, settings_ref, str(exc)))
             countdown = settings_ref.job_retry_backoff_s * (2**retries)
             log.warning("services unavailable; retrying job in %.1f s: %s", countdown, exc)
+            raise self.retry(countdown=countdown) from None
+        except RedisError as exc:
+            # The job store itself is unreachable (the broker may be elsewhere): the job cannot even
+            # be marked, so retry with backoff; its run lock expires, and the run is idempotent.
+            if retries >= settings_ref.job_max_retries:
+                log.error("Redis unavailable; giving up on job %s: %s", job_id, exc)
+                with contextlib.suppress(RedisError):
+                    asyncio.run(_fail(job_id, settings_ref, f"the job store (Redis) is unavailable: {exc}"))
+                return "failed"
+            countdown = settings_ref.job_retry_backoff_s * (2**retries)
+            log.warning("Redis unavailable; retrying job in %.1f s: %s", countdown, exc)
             raise self.retry(countdown=countdown) from None
 
     return app
