@@ -59,3 +59,31 @@ def test_service_killed_mid_turn(own_stack, sample_wav: bytes, victim: str) -> N
         client.patch_session(session["id"], **FAST)
         again = client.turn(session["id"], audio=sample_wav, content_type="audio/wav")
         assert again.error is None and again.done["partial"] is False
+
+
+def test_sigterm_drains_the_gateway(own_stack, sample_wav: bytes) -> None:
+    """A rolling update: SIGTERM while a turn streams. The turn streams to its end and is stored,
+    the gateway exits, and it takes no new connections meanwhile."""
+    import signal
+
+    import redis
+
+    stack = own_stack
+    gateway = stack.procs["gateway"]
+    with GatewayClient(stack.gateway_url, stack.api_key) as client:
+        session = client.create_session(max_new_tokens=2000, seed=7, temperature=1.0, top_p=1.0)
+        events = []
+        for event in client.stream_turn(session["id"], audio=sample_wav, content_type="audio/wav"):
+            events.append(event)
+            if len(events) == 1:
+                gateway.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+                with pytest.raises(httpx.TransportError):
+                    httpx.get(f"{stack.gateway_url}/healthz", timeout=2)
+    assert events[0]["type"] == "turn.started" and events[-1]["type"] == "turn.done"
+    assert events[-1]["partial"] is False and events[-1]["end_reason"] != "error"
+    assert any(e["type"] == "audio.delta" for e in events)
+    # exits by itself once drained (uvicorn re-raises the SIGTERM it caught: status -15)
+    assert gateway.wait(30) in (0, -signal.SIGTERM)
+    turns = redis.Redis.from_url(stack.redis_url).llen(f"glmv:session:{session['id']}:turns")
+    assert turns == 1

@@ -67,6 +67,11 @@ class GatewaySettings(BaseSettings):
     )
     webhook_retries: int = Field(5, ge=0, description="Webhook delivery retries (exponential backoff).")
     webhook_backoff_s: float = Field(0.5, gt=0, description="First webhook retry delay; doubles each retry.")
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM: stop accepting connections, let running turns finish for up to this long.",
+    )
     log_level: str = Field("INFO")
     log_format: Literal["json", "text"] = Field("json")
 

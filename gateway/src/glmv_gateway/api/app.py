@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -70,4 +71,6 @@ def main() -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         ws="websockets",
+        # SIGTERM (a rolling update): no new connections, running turns stream to their end
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
