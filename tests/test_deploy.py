@@ -70,3 +70,18 @@ def test_compose_matches_the_dockerfiles() -> None:
         assert "USER 10001" in dockerfile
     assert compose["worker"]["entrypoint"] == ["glmv", "worker"]
     assert "torch" not in (ROOT / "gateway" / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.yaml", "lm.yaml", "decoder.yaml", "gateway.yaml"])
+def test_container_resources_are_well_formed(name: str) -> None:
+    """Only requests/limits under resources; a CUDA service asks for a GPU in its limits."""
+    items = docs(name)
+    configs = {k: v for c in by_kind(items, "ConfigMap").values() for k, v in c.get("data", {}).items()}
+    for deployment in by_kind(items, "Deployment").values():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert set(resources) <= {"requests", "limits", "claims"}, resources
+            assert "memory" in resources["limits"]
+            device = configs.get(f"GLMV_{deployment['metadata']['name'].upper()}_DEVICE", "cpu")
+            gpus = resources["limits"].get("nvidia.com/gpu")
+            assert (gpus == "1") == device.startswith("cuda"), (deployment["metadata"]["name"], device)
