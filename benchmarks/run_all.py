@@ -33,12 +33,14 @@ SUITE = [
     ("concurrency", "bench_concurrency.py", ["--levels", "1,2,4,8,16", "--turns", "2"]),
     ("decoder scaling", "bench_decoder_scaling.py", ["--lengths", "5,10,20,30,60", "--repeats", "2"]),
     ("LM chunked prefill", "bench_prefill_chunk.py", ["--repeats", "3"]),
+    ("LM prefix cache", "bench_prefix_cache.py", ["--conversations", "3"]),
 ]
 QUICK = {"bench_threads.py": ["--turns", "4"],
          "bench_turn.py": ["--turns", "6"], "bench_schedule.py": ["--turns", "3"],
          "bench_concurrency.py": ["--levels", "1,4,8", "--turns", "1"],
          "bench_decoder_scaling.py": ["--lengths", "5,20,60", "--repeats", "1"],
-         "bench_prefill_chunk.py": ["--repeats", "1", "--chunks", "0,512"]}
+         "bench_prefill_chunk.py": ["--repeats", "1", "--chunks", "0,512"],
+         "bench_prefix_cache.py": ["--conversations", "1", "--turns", "4"]}
 
 
 def main() -> None:

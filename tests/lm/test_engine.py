@@ -62,6 +62,9 @@ def tiny_model(attn: str = "sdpa", seed: int = 0) -> GlmForCausalLM:
         pad_token_id=None,
         eos_token_id=[398],
         attn_implementation=attn,
+        # Larger than the default 0.02: attention then depends on the keys (at 0.02 it is nearly
+        # uniform), so a key written to the wrong place in the cache changes the output.
+        initializer_range=0.3,
     )
     return GlmForCausalLM(cfg).eval()
 
@@ -188,10 +191,10 @@ def test_seeded_sampling_is_batch_independent(model: GlmForCausalLM) -> None:
 
 def test_padding_rows_are_never_sampled() -> None:
     boosted = tiny_model(seed=0)
-    with torch.no_grad():
-        boosted.lm_head.weight[LIMIT + 5] = boosted.model.norm.weight.detach() * 50.0  # would win every step
-        boosted.lm_head.weight[LIMIT + 5] *= torch.sign(torch.randn(64))
     prompt = random_prompts([6])[0]
+    with torch.no_grad():  # a padding row aligned with the prompt's last hidden state: it would win
+        hidden = boosted.model(torch.tensor([prompt])).last_hidden_state[0, -1]
+        boosted.lm_head.weight[LIMIT + 5] = hidden / hidden.norm() * 100.0
     raw = boosted(torch.tensor([prompt])).logits[0, -1]
     engine = make_engine(boosted)
     try:
@@ -643,3 +646,83 @@ def test_arrivals_while_decoding_are_prefilled_within_the_chunk_budget(model: Gl
         assert "S" in events[a:b]  # a decode step ran between two admissions
     for p, c in zip(prompts, sinks, strict=True):
         assert c.ids == reference_greedy(model, p, GREEDY.max_new_tokens, BASE_SPEC)
+
+
+# -- prefix cache ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_next_turn_reuses_the_conversation_prefix(model: GlmForCausalLM, chunk: int) -> None:
+    """Turn 2's prompt is turn 1's prompt + reply + a new user turn: everything turn 1 fed to the
+    model is copied from the prefix cache, only the new part is prefilled, and the reply is the same
+    as plain greedy decoding of the whole prompt."""
+    engine = make_engine(model, prefill_chunk=chunk, prefix_cache_tokens=10_000)
+    first_prompt, new_part, other = random_prompts([80, 20, 90], seed=21)
+    try:
+        first = run_all(engine, [first_prompt], [GREEDY])[0]
+        assert first.done is not None and first.done.end_reason is EndReason.MAX_TOKENS
+        second_prompt = first_prompt + first.ids + new_part
+        second = run_all(engine, [second_prompt], [GREEDY])[0]
+        unrelated = run_all(engine, [other], [GREEDY])[0]
+    finally:
+        engine.close()
+    assert first.done.cached_tokens == 0
+    # the last reply token was sampled but never fed back, so its keys/values do not exist
+    assert second.done is not None and second.done.cached_tokens == len(first_prompt) + len(first.ids) - 1
+    assert second.ids == reference_greedy(model, second_prompt, GREEDY.max_new_tokens, BASE_SPEC)
+    assert unrelated.done is not None and unrelated.done.cached_tokens == 0
+    assert unrelated.ids == reference_greedy(model, other, GREEDY.max_new_tokens, BASE_SPEC)
+
+
+def test_prefix_cache_under_concurrency_and_cancellation(model: GlmForCausalLM) -> None:
+    """Three conversations' second turns arrive together (one at a time can take the cached path,
+    the others prefill in full); a cancelled first turn's partial reply is reused too."""
+    engine = make_engine(model, max_batch_size=3, prefix_cache_tokens=10_000)
+    prompts = random_prompts([70, 75, 100], seed=31)
+    news = random_prompts([9, 12, 15], seed=32)
+    try:
+        firsts = run_all(engine, prompts, [GREEDY] * 3)
+        seconds_prompts = [p + f.ids + n for p, f, n in zip(prompts, firsts, news, strict=True)]
+        seconds = run_all(engine, seconds_prompts, [GREEDY] * 3)
+        # barge-in: cancel a reply after a few tokens; its next turn still reuses what was fed
+        sink = Collector()
+        long_reply = SamplingParams(temperature=0.0, max_new_tokens=500)
+        handle = engine.submit(prompts[2] + [5, 6, 7], long_reply, sink)
+        while len(sink.tokens) < 5 and not handle.finished.is_set():
+            time.sleep(0.001)
+        handle.cancel()
+        assert handle.finished.wait(30)
+        follow = prompts[2] + [5, 6, 7] + sink.ids + news[0]
+        after_cancel = run_all(engine, [follow], [GREEDY])[0]
+    finally:
+        engine.close()
+    assert sum(1 for s in seconds if s.done and s.done.cached_tokens) >= 1
+    for p, s in zip(seconds_prompts, seconds, strict=True):
+        assert s.ids == reference_greedy(model, p, GREEDY.max_new_tokens, BASE_SPEC)
+    assert after_cancel.done is not None and after_cancel.done.cached_tokens >= len(prompts[2]) + 3
+    assert after_cancel.ids == reference_greedy(model, follow, GREEDY.max_new_tokens, BASE_SPEC)
+
+
+def test_prefix_cache_budget_and_superseded_entries() -> None:
+    from glmv_lm.kv_cache import SlotKVCache
+    from glmv_lm.prefix_cache import PrefixCache
+
+    cache = SlotKVCache(
+        num_layers=1, max_slots=1, num_kv_heads=1, head_dim=2, max_len=512, dtype=torch.float32, device="cpu"
+    )
+    for layer in range(1):
+        cache.keys[layer].copy_(torch.arange(cache.capacity, dtype=torch.float32)[None, None, :, None])
+    prefix = PrefixCache(budget_tokens=300, min_tokens=4)
+    a = list(range(100))
+    prefix.store(a, cache, 0)
+    prefix.store(a + [7] * 50, cache, 0)  # the same conversation one turn later replaces it
+    assert len(prefix) == 1 and prefix.tokens == 150
+    prefix.store(list(range(1000, 1200)), cache, 0)  # 350 > 300: the least recently used goes
+    assert len(prefix) == 1 and prefix.tokens == 200
+    assert prefix.lookup(a + [7] * 60) == (-1, 0)
+    entry, n = prefix.lookup(list(range(1000, 1200)))
+    assert n == 199  # one prompt token is always left to prefill
+    cache.keys[0].zero_()
+    assert prefix.load(entry, n, cache, 0)
+    assert torch.equal(cache.keys[0][0, 0, :n, 0], torch.arange(n, dtype=torch.float32))
+    assert prefix.lookup([1000, 1001, 1002, 9]) == (-1, 0)  # shorter than min_tokens

@@ -327,6 +327,7 @@ class TurnRun:
             "dropped_turns": done.dropped_turns if done else 0,
             "lm_time_to_first_token_ms": round(done.time_to_first_token_ms, 1) if done else None,
             "lm_tokens_per_s": round(done.decode_tokens_per_s, 1) if done else None,
+            "lm_cached_prompt_tokens": done.cached_prompt_tokens if done else None,
         }
         text = done.text if done and done.text else "".join(state.text)
         summary = {

@@ -13,6 +13,9 @@ Requests join and leave between forward passes:
   decode step never reads, and moves down to the first free slot when its last chunk is in. While
   streams are decoding, the prompts prefilled together in one step are also held to ``prefill_chunk``
   padded tokens (at least one prompt), so a burst of arrivals joins over a few steps.
+* With a prefix cache (``prefix_cache_tokens`` > 0), a finished request's keys and values are kept;
+  a new prompt sharing a long prefix with one (the next turn of the same conversation) copies it
+  into its slot and prefills only the rest, through the chunked-prefill path (see prefix_cache.py).
 * Every sampled token is handed at once to the request's *sink* (a callable run on the engine thread);
   :class:`TokenStream` is the asyncio sink: ``loop.call_soon_threadsafe`` into an unbounded per-request
   queue, so a slow client never stalls the batch and no token is ever dropped or reordered.
@@ -41,6 +44,7 @@ from glmv_common.errors import GlmvError, InvalidRequest
 from glmv_common.logs import get_logger
 from glmv_lm import metrics
 from glmv_lm.kv_cache import SlotKVCache
+from glmv_lm.prefix_cache import PrefixCache
 from glmv_lm.sampling import RowSampling, SamplingParams, make_generator, sample_next, vocab_bias
 
 log = get_logger("glmv.lm.engine")
@@ -108,6 +112,7 @@ class DoneEvent:
     total_ms: float
     text: str
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 Event = TokenEvent | DoneEvent
@@ -121,6 +126,7 @@ class EngineConfig:
     max_context: int = 8192
     prefill_token_budget: int = 8192  # padded prompt tokens per prefill forward (>= one prompt)
     prefill_chunk: int = 512  # longer prompts are prefilled this many tokens per iteration (0 = off)
+    prefix_cache_tokens: int = 0  # keys/values of finished requests kept for reuse (0 = off)
     initial_cache_len: int = 512
 
 
@@ -154,6 +160,9 @@ class _Seq:
     presence: torch.Tensor | None = None
     position: int = 0  # cache index where the next input token goes (== its position id)
     prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
+    reuse: tuple[int, int] | None = None  # (prefix cache entry, tokens) to copy before prefilling
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    ids: list[int] = field(default_factory=list)  # streamed completion ids
     next_input: int = -1
     generated: int = 0
     text_tokens: int = 0
@@ -217,6 +226,8 @@ class GenerationEngine:
         self._slots: list[_Seq] = []  # index == cache slot
         self._chunked: _Seq | None = None  # prompt being prefilled chunk by chunk, in the last slot
         self._chunk_slot = self.config.max_batch_size - 1
+        budget = self.config.prefix_cache_tokens
+        self.prefix = PrefixCache(budget) if budget else None
         self._closing = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode forward passes run (for tests and benchmarks)
@@ -355,6 +366,13 @@ class GenerationEngine:
             budget = min(budget, chunk)
         while self._waiting and self.running + len(admitted) < self.config.max_batch_size:
             seq = self._waiting[0]
+            if self.prefix is not None and self._chunked is None:
+                entry, reusable = self.prefix.lookup(seq.prompt)
+                if reusable:  # prefill only the rest, on the chunked path
+                    self._waiting.popleft()
+                    seq.reuse = (entry, reusable)
+                    self._chunked = seq
+                    continue
             if chunk and len(seq.prompt) > chunk:
                 if self._chunked is not None:
                     break  # one chunked prefill at a time; the queue keeps its order
@@ -435,8 +453,14 @@ class GenerationEngine:
         now = time.perf_counter()
         if seq.prefilled == 0:
             self._start(seq, now)
+            if seq.reuse is not None and self.prefix is not None:
+                entry, length = seq.reuse
+                if self.prefix.load(entry, length, self.cache, self._chunk_slot):
+                    seq.prefilled = seq.cached_tokens = length
+                    metrics.PREFIX_HITS.inc()
+                    metrics.PREFIX_TOKENS.inc(length)
         start = seq.prefilled
-        end = min(start + self.config.prefill_chunk, len(seq.prompt))
+        end = min(start + (self.config.prefill_chunk or len(seq.prompt)), len(seq.prompt))
         ids = torch.tensor([seq.prompt[start:end]], device=self.device)
         pos = torch.arange(start, end, device=self.device)
         keys = torch.arange(end, device=self.device)
@@ -511,6 +535,7 @@ class GenerationEngine:
             return
         index = seq.generated
         seq.generated += 1
+        seq.ids.append(tok)
         if is_audio:
             seq.audio_tokens += 1
             event = TokenEvent(index, tok, True, "", tok - spec.audio_offset)
@@ -549,6 +574,10 @@ class GenerationEngine:
         ended = [i for i, s in enumerate(self._slots) if s.end is not None]
         for slot in reversed(ended):
             seq = self._slots[slot]
+            if self.prefix is not None and seq.end is not EndReason.ERROR:
+                # what the slot holds: the prompt and every reply token fed back so far
+                self.prefix.store((seq.prompt + seq.ids)[: seq.position], self.cache, slot)
+                metrics.PREFIX_CACHED.set(self.prefix.tokens)
             last = len(self._slots) - 1
             if slot != last:
                 mover = self._slots[last]
@@ -578,6 +607,7 @@ class GenerationEngine:
             queue_ms=((seq.t_admit or now) - seq.t_submit) * 1e3,
             prefill_ms=(seq.t_prefilled - seq.t_admit) * 1e3 if seq.t_prefilled else 0.0,
             total_ms=(now - seq.t_submit) * 1e3,
+            cached_tokens=seq.cached_tokens,
             text="".join(seq.text_parts),
             error=seq.error,
         )

@@ -31,3 +31,6 @@ STEP_SECONDS = Histogram(
     ["phase"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5),
 )
+PREFIX_HITS = Counter("glmv_lm_prefix_cache_hits_total", "Prompts that reused a cached prefix")
+PREFIX_TOKENS = Counter("glmv_lm_prefix_cache_reused_tokens_total", "Prompt tokens not prefilled again")
+PREFIX_CACHED = Gauge("glmv_lm_prefix_cache_tokens", "Tokens whose keys/values the prefix cache holds")

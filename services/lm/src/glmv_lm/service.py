@@ -94,6 +94,12 @@ class LmSettings(LMSettings):
         description="Longer prompts are prefilled this many tokens per engine step, between decode "
         "steps of the running streams (0 = whole prompt at once).",
     )
+    prefix_cache_tokens: int = Field(
+        16384,
+        ge=0,
+        description="Keys/values of finished requests kept (in tokens) so a conversation's next turn "
+        "prefills only its new part (0 = off).",
+    )
     reply_reserve_tokens: int = Field(
         512, ge=1, description="Room kept for the reply when old turns are dropped to fit the window."
     )
@@ -140,6 +146,7 @@ def event_to_proto(event: Event) -> lm_pb2.GenerateResponse:
                     common_pb2.StageTiming(stage="lm_total", ms=event.total_ms),
                 ],
                 text=event.text,
+                cached_prompt_tokens=event.cached_tokens,
             )
         )
     if event.is_audio:
@@ -202,6 +209,7 @@ class LmService(lm_pb2_grpc.LanguageModelServicer):
                 max_context=loaded.max_context,
                 prefill_token_budget=s.prefill_token_budget,
                 prefill_chunk=s.prefill_chunk_tokens,
+                prefix_cache_tokens=s.prefix_cache_tokens,
                 initial_cache_len=s.initial_cache_len,
             ),
         )
