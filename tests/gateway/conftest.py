@@ -34,9 +34,17 @@ def dev_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_stack(
-    dev_models: dict[str, Path], tmp: Path, db: int, redis_port: int = 6379, **gateway_env: str
+    dev_models: dict[str, Path],
+    tmp: Path,
+    db: int,
+    redis_port: int = 6379,
+    prefix_cache: bool = True,
+    **gateway_env: str,
 ) -> LocalStack:
-    """``redis_port`` other than 6379: the stack starts (and stops) a private redis-server there."""
+    """``redis_port`` other than 6379: the stack starts (and stops) a private redis-server there.
+    ``prefix_cache=False``: the LM reuses no keys/values across requests, so a seeded reply does not
+    depend on which requests the stack served before (reuse changes float rounding, which can flip
+    a sampled token)."""
     env = {
         "GLMV_GATEWAY_LOCK_TTL_S": "5",
         "GLMV_GATEWAY_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
@@ -54,7 +62,7 @@ def start_stack(
         redis_url=f"redis://127.0.0.1:{redis_port}/{db}",
         log_dir=tmp,
         gateway_env=env,
-        extra_env={"OMP_NUM_THREADS": "1"},
+        extra_env={"OMP_NUM_THREADS": "1", **({} if prefix_cache else {"GLMV_LM_PREFIX_CACHE_TOKENS": "0"})},
         jobs_dir=tmp / "jobs",
     )
     import redis
@@ -67,7 +75,11 @@ def start_stack(
 
 @pytest.fixture(scope="session")
 def stack(dev_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    running = start_stack(dev_models, tmp_path_factory.mktemp("stack-logs"), db=stack_db("session"))
+    # Shared by many test files in whatever order xdist gives them, and several of them rely on a
+    # seeded reply being long (seed 7): without the prefix cache that reply is the same every run.
+    running = start_stack(
+        dev_models, tmp_path_factory.mktemp("stack-logs"), db=stack_db("session"), prefix_cache=False
+    )
     yield running
     running.stop()
 

@@ -55,8 +55,15 @@ def assert_redis_503(response: httpx.Response) -> None:
 def test_redis_outage_and_recovery(private_redis_stack, sample_wav: bytes) -> None:
     stack = private_redis_stack
     with GatewayClient(stack.gateway_url, stack.api_key) as client:
-        session = client.create_session(**FAST)
-        assert client.turn(session["id"], text="hello").done["partial"] is False
+        session = client.create_session(**FAST, mode="text")
+        first = client.turn(session["id"], text="Tell me a story.")
+        second = client.turn(session["id"], text="And then?")
+        # the LM took all it had fed to the model for the first turn from its prefix cache (a reply
+        # cut by max_tokens never fed its last token back)
+        u1 = first.done["usage"]
+        fed = u1["prompt_tokens"] + u1["completion_tokens"] - (first.done["end_reason"] == "max_tokens")
+        assert fed >= 64  # the prefix cache's minimum
+        assert second.done["usage"]["lm_cached_prompt_tokens"] >= fed
 
         # Redis dies while a reply is being generated: the client still gets the whole reply, then an
         # error event saying the history was not saved (never a silent loss), then turn.done.
