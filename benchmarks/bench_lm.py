@@ -24,13 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import common as C  # type: ignore[import-not-found]
 import torch
 
-from glmv_lm.checkpoint import load_model
 from glmv_lm.devmodel import write_dev_checkpoint
 from glmv_lm.engine import DoneEvent, EngineConfig, GenerationEngine, TokenSpec
 from glmv_lm.sampling import SamplingParams
-from glmv_lm.text_tokenizer import GlmTextTokenizer
 
 
 @dataclass
@@ -98,17 +97,7 @@ def run_level(
 
 
 def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> list[Row]:
-    loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
-    tok = GlmTextTokenizer.from_dir(model_dir)
-    limit = min(loaded.vocab_size, tok.vocab_size, tok.audio_offset + tok.audio_count)
-    # No stop ids: every stream runs to --new-tokens.
-    spec = TokenSpec(
-        vocab_limit=limit,
-        audio_offset=tok.audio_offset,
-        audio_count=tok.audio_count,
-        end_token_id=-1,
-        eos_ids=frozenset(),
-    )
+    loaded, tok, spec = C.load_engine_lm(model_dir, args.device, args.dtype)  # no stop ids
     params_m = loaded.num_parameters / 1e6
     label = f"{name} ({params_m:.1f}M)"
     print(

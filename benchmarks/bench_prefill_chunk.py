@@ -31,11 +31,8 @@ from pathlib import Path
 import common as C  # type: ignore[import-not-found]
 import torch
 
-from glmv_lm.checkpoint import load_model
-from glmv_lm.devmodel import write_dev_checkpoint
 from glmv_lm.engine import DoneEvent, EngineConfig, GenerationEngine, TokenEvent, TokenSpec
 from glmv_lm.sampling import SamplingParams
-from glmv_lm.text_tokenizer import GlmTextTokenizer
 
 
 def one_round(
@@ -107,20 +104,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.service_threads:
-        torch.set_num_threads(args.service_threads)
     print(f"# bench_prefill_chunk: {C.machine_info(args.device)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.lm_model or write_dev_checkpoint(
-            Path(tmp) / args.size, seed=args.seed, size=args.size
-        )
-        loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
-        tok = GlmTextTokenizer.from_dir(model_dir)
-        limit = min(loaded.vocab_size, tok.vocab_size, tok.audio_offset + tok.audio_count)
-        spec = TokenSpec(limit, tok.audio_offset, tok.audio_count, end_token_id=-1, eos_ids=frozenset())
+        loaded, tok, spec, label = C.engine_lm_from_args(args, Path(tmp), seed=args.seed)
         if args.long + 8 > loaded.max_context:
             raise SystemExit(f"--long {args.long} does not fit the context window {loaded.max_context}")
-        label = f"{model_dir.name} ({loaded.num_parameters / 1e6:.0f} M)"
         one_round(loaded, tok, spec, 0, argparse.Namespace(**{**vars(args), "long": 64}))  # warm-up
         results: dict[int, list[tuple[float, float, float]]] = {c: [] for c in args.chunks}
         for r in range(args.repeats):

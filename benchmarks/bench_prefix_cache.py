@@ -19,11 +19,8 @@ from pathlib import Path
 import common as C  # type: ignore[import-not-found]
 import torch
 
-from glmv_lm.checkpoint import load_model
-from glmv_lm.devmodel import write_dev_checkpoint
 from glmv_lm.engine import DoneEvent, EngineConfig, GenerationEngine, TokenEvent, TokenSpec
 from glmv_lm.sampling import SamplingParams
-from glmv_lm.text_tokenizer import GlmTextTokenizer
 
 
 def conversation(loaded, tok, spec: TokenSpec, cache_tokens: int, seed: int, args) -> list[tuple[float, int, int]]:  # type: ignore[no-untyped-def]  # noqa: E501
@@ -68,16 +65,9 @@ def main() -> None:
     ap.add_argument("--reply", type=int, default=100, help="reply tokens per turn")
     ap.add_argument("--conversations", type=int, default=3)
     args = ap.parse_args()
-    if args.service_threads:
-        torch.set_num_threads(args.service_threads)
     print(f"# bench_prefix_cache: {C.machine_info(args.device)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.lm_model or write_dev_checkpoint(Path(tmp) / args.size, seed=0, size=args.size)
-        loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
-        tok = GlmTextTokenizer.from_dir(model_dir)
-        limit = min(loaded.vocab_size, tok.vocab_size, tok.audio_offset + tok.audio_count)
-        spec = TokenSpec(limit, tok.audio_offset, tok.audio_count, end_token_id=-1, eos_ids=frozenset())
-        label = f"{model_dir.name} ({loaded.num_parameters / 1e6:.0f} M)"
+        loaded, tok, spec, label = C.engine_lm_from_args(args, Path(tmp))
         budget = (args.first + args.turns * (args.new + args.reply)) * 2
         runs: dict[str, list[list[tuple[float, int, int]]]] = {"off": [], "on": []}
         for k in range(args.conversations):

@@ -117,6 +117,34 @@ def add_profile_args(ap: argparse.ArgumentParser) -> None:
 
 # --- checkpoints ----------------------------------------------------------------------------------
 
+
+def load_engine_lm(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any, Any]:
+    """An LM checkpoint for engine benchmarks: (loaded model, text tokenizer, a TokenSpec with no stop
+    ids, so every stream runs to its token limit)."""
+    from glmv_lm.checkpoint import load_model
+    from glmv_lm.engine import TokenSpec
+    from glmv_lm.text_tokenizer import GlmTextTokenizer
+
+    loaded = load_model(model_dir, device=device, dtype=dtype)
+    tok = GlmTextTokenizer.from_dir(model_dir)
+    limit = min(loaded.vocab_size, tok.vocab_size, tok.audio_offset + tok.audio_count)
+    spec = TokenSpec(limit, tok.audio_offset, tok.audio_count, end_token_id=-1, eos_ids=frozenset())
+    return loaded, tok, spec
+
+
+def engine_lm_from_args(args: argparse.Namespace, tmp: Path, seed: int = 0) -> tuple[Any, Any, Any, str]:
+    """``--lm-model`` if given, else a random LM of devmodel size ``--size`` written under ``tmp``;
+    also applies ``--service-threads`` and returns a label naming the model and its size."""
+    import torch
+
+    from glmv_lm.devmodel import write_dev_checkpoint
+
+    if args.service_threads:
+        torch.set_num_threads(args.service_threads)
+    model_dir = args.lm_model or write_dev_checkpoint(tmp / args.size, seed=seed, size=args.size)
+    loaded, tok, spec = load_engine_lm(model_dir, args.device, args.dtype)
+    return loaded, tok, spec, f"{Path(model_dir).name} ({loaded.num_parameters / 1e6:.0f} M)"
+
 SIZES = {"dev": {"tokenizer": "dev", "lm": "dev", "decoder": "dev"},
          "realsize": {"tokenizer": "realsize", "lm": "mid", "decoder": "realsize"}}
 

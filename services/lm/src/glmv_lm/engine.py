@@ -164,7 +164,6 @@ class _Seq:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     ids: list[int] = field(default_factory=list)  # streamed completion ids
     next_input: int = -1
-    generated: int = 0
     text_tokens: int = 0
     audio_tokens: int = 0
     text_parts: list[str] = field(default_factory=list)
@@ -174,6 +173,10 @@ class _Seq:
     t_last: float = 0.0
     end: EndReason | None = None
     error: str = ""
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids)
 
     def row(self) -> RowSampling:
         return RowSampling(self.params, self.generator, self.presence)
@@ -534,7 +537,6 @@ class GenerationEngine:
             seq.end = EndReason.AUDIO_CAP
             return
         index = seq.generated
-        seq.generated += 1
         seq.ids.append(tok)
         if is_audio:
             seq.audio_tokens += 1
