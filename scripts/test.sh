@@ -6,4 +6,5 @@ scripts/setup-dev.sh
 scripts/ensure-redis.sh
 scripts/lint.sh
 export OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q "$@"
+# One rerun: a failure that repeats fails the run; one that does not is reported as a rerun.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q --reruns 1 --reruns-delay 2 "$@"

@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
+# One Redis server per test run: ``GLMV_TEST_REDIS_PORT`` lets several runs on one machine use
+# separate servers (the shared default is 6379).
+REDIS_PORT = int(os.environ.get("GLMV_TEST_REDIS_PORT", "6379"))
+
 
 @pytest.fixture
 def redis_url() -> str:
@@ -22,7 +26,7 @@ def redis_url() -> str:
 
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
-    url = os.environ.get("GLMV_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - index % 8}")
+    url = os.environ.get("GLMV_TEST_REDIS_URL", f"redis://127.0.0.1:{REDIS_PORT}/{15 - index % 8}")
     client = redis.Redis.from_url(url)
     try:
         client.ping()

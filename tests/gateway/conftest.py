@@ -11,6 +11,8 @@ import pytest
 from glmv_gateway.client import GatewayClient
 from glmv_gateway.stack import LocalStack, make_dev_models
 
+from ..conftest import REDIS_PORT
+
 ROOT = Path(__file__).resolve().parents[2]
 WEBHOOK_SECRET = "test-webhook-secret"
 SAMPLE = ROOT / "samples" / "question.wav"
@@ -37,7 +39,7 @@ def start_stack(
     dev_models: dict[str, Path],
     tmp: Path,
     db: int,
-    redis_port: int = 6379,
+    redis_port: int = REDIS_PORT,
     prefix_cache: bool = True,
     **gateway_env: str,
 ) -> LocalStack:
@@ -67,7 +69,7 @@ def start_stack(
     )
     import redis
 
-    if redis_port == 6379:  # shared server: start from empty databases
+    if redis_port == REDIS_PORT:  # shared server: start from empty databases
         redis.Redis.from_url(stack.redis_url).flushdb()
         redis.Redis.from_url(stack.broker_url).flushdb()
     return stack.start(timeout=240)

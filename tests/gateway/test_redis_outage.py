@@ -14,6 +14,7 @@ import redis
 from glmv_gateway.client import GatewayClient, GatewayError
 from glmv_gateway.stack import free_port
 
+from ..conftest import REDIS_PORT
 from .conftest import FAST, stack_db, start_stack
 from .test_failures import wait_ready
 from .test_jobs import submit, wait_state
@@ -33,7 +34,7 @@ def private_redis_stack(dev_models, tmp_path_factory):
         db=0,
         redis_port=free_port(),
         GLMV_GATEWAY_REDIS_TIMEOUT_S="2",
-        GLMV_GATEWAY_BROKER_URL=f"redis://127.0.0.1:6379/{broker_db}",
+        GLMV_GATEWAY_BROKER_URL=f"redis://127.0.0.1:{REDIS_PORT}/{broker_db}",
     )
     yield stack
     stack.stop()
