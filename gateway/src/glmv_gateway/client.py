@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 
 from glmv_common import audio as audio_io
+from glmv_gateway.conversation.audio_out import ReplyAudio
+from glmv_gateway.conversation.events import AudioDelta, parse_event
 
 
 class GatewayError(Exception):
@@ -118,19 +120,22 @@ class GatewayClient:
     ) -> TurnResult:
         """Run one turn and gather its events; ``on_event`` sees each one as it arrives."""
         result = TurnResult()
-        chunks: list[np.ndarray] = []
+        audio = ReplyAudio()
         for event in self.stream_turn(session_id, **kwargs):
             if on_event is not None:
                 on_event(event)
             result.events.append(event)
             if event["type"] == "audio.delta":
-                chunks.append(event["samples"])
-                result.sample_rate = event["sample_rate"]
+                wire = {k: v for k, v in event.items() if k != "samples"}
+                delta = parse_event(wire)
+                assert isinstance(delta, AudioDelta)
+                audio.add(delta)
+                result.sample_rate = delta.sample_rate
             elif event["type"] == "turn.done":
                 result.done = event
                 result.text = event["text"]
             elif event["type"] == "error":
                 result.error = event
-        if chunks:
-            result.audio = np.concatenate(chunks)
+        if audio:
+            result.audio = audio.pcm()
         return result

@@ -57,8 +57,10 @@ class DecoderStream:
         msg = decoder_pb2.SynthesizeRequest(tokens=decoder_pb2.SynthesizeTokens(tokens=tokens))
         await self._requests.put(msg)
 
-    async def finish(self) -> None:
-        await self._requests.put(decoder_pb2.SynthesizeRequest(finish=decoder_pb2.SynthesizeFinish()))
+    async def finish(self, tokens: list[int] | None = None) -> None:
+        """End the utterance; ``tokens`` (the last ones) are decoded as the final chunk."""
+        finish = decoder_pb2.SynthesizeFinish(tokens=tokens or [])
+        await self._requests.put(decoder_pb2.SynthesizeRequest(finish=finish))
         await self._requests.put(None)
 
     def responses(self) -> AsyncIterator[decoder_pb2.SynthesizeResponse]:

@@ -25,3 +25,16 @@ LM_TOKENS_PER_S = Histogram(
     "LM decode speed per turn",
     buckets=(5, 10, 20, 30, 50, 75, 100, 200, 500, 1000, 5000),
 )
+TRUNCATIONS = Counter(
+    "glmv_gateway_truncated_turns_total", "Assistant turns stored cut to what the listener heard"
+)
+BARGE_INS = Counter("glmv_gateway_barge_ins_total", "Replies interrupted by the user", ["by"])
+SPEECH_END_TO_FIRST_AUDIO = Histogram(
+    "glmv_gateway_speech_end_to_first_audio_seconds",
+    "End of the user's speech (detected or committed) to the first reply audio",
+    buckets=_LATENCY,
+)
+ACTIVE_CONVERSATIONS = Gauge(
+    "glmv_gateway_active_conversations", "Duplex conversations open now", ["transport"]
+)
+UTTERANCES = Counter("glmv_gateway_utterances_total", "User utterances committed", ["by"])

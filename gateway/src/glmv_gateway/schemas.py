@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
+MAX_TEXT_CHARS = 20_000  # a text turn, over every transport
 
 
 class Strict(BaseModel):
@@ -35,6 +36,22 @@ class OutputAudio(Strict):
         return value
 
 
+class TurnDetection(Strict):
+    """Who decides that the user has finished speaking.
+
+    ``none``: the client commits each utterance. ``server_vad``: the tokenizer's voice activity
+    detector (Silero VAD) cuts the incoming audio into utterances; each one starts a reply if
+    ``create_response``, and speech during a reply interrupts it if ``interrupt_response``.
+    """
+
+    type: Literal["none", "server_vad"] = "none"
+    threshold: float = Field(0.5, gt=0, lt=1, description="speech probability threshold")
+    prefix_padding_ms: int = Field(300, ge=0, le=5000, description="audio kept before the detected start")
+    silence_duration_ms: int = Field(500, ge=100, le=10_000, description="silence that ends an utterance")
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
 class SessionSettings(Strict):
     """Per-session defaults; every field is optional when creating or patching a session."""
 
@@ -54,6 +71,7 @@ class SessionSettings(Strict):
     chunk_schedule: list[int] | None = Field(
         None, min_length=1, max_length=32, description="Audio tokens per decoder chunk; last repeats"
     )
+    turn_detection: TurnDetection = Field(default_factory=TurnDetection)
 
     @field_validator("chunk_schedule")
     @classmethod
@@ -78,7 +96,16 @@ class SessionPatch(Strict):
     decoder_seed: int | None = Field(None, ge=0)
     output: OutputAudio | None = None
     chunk_schedule: list[int] | None = Field(None, min_length=1, max_length=32)
+    turn_detection: TurnDetection | None = None
 
 
 class TextTurn(Strict):
-    text: str = Field(..., min_length=1, max_length=20_000)
+    text: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS)
+
+
+def apply_patch(current: dict[str, object], changes: dict[str, object]) -> dict[str, object]:
+    """The stored settings after a patch (nested objects replace the stored ones); raises
+    pydantic's ValidationError on a bad patch."""
+    patch = SessionPatch.model_validate(changes)
+    merged = {**current, **patch.model_dump(mode="json", exclude_unset=True)}
+    return SessionSettings.model_validate(merged).model_dump(mode="json")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 PREFIX = "glmv"
 
@@ -156,6 +157,34 @@ class SessionStore:
             pipe.expire(turns_key, self.ttl_s)
             pipe.expire(self._key(session_id), self.ttl_s)
             await pipe.execute()
+
+    async def replace_turn(self, session_id: str, turn_id: str, turn: dict[str, Any] | None) -> bool:
+        """Replace (``turn``) or remove (``None``) the stored turn ``turn_id``; False if absent.
+        Optimistic: retried if the history changes meanwhile."""
+        turns_key = self._key(session_id, "turns")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(turns_key)
+                    stored = await pipe.lrange(turns_key, 0, -1)
+                    index = next(
+                        (i for i, raw in enumerate(stored) if json.loads(raw).get("turn_id") == turn_id), None
+                    )
+                    if index is None:
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    if turn is None:
+                        pipe.lset(turns_key, index, "__removed__")
+                        pipe.lrem(turns_key, 1, "__removed__")
+                        pipe.hincrby(self._key(session_id), "turns", -1)
+                    else:
+                        pipe.lset(turns_key, index, json.dumps(turn))
+                    pipe.hset(self._key(session_id), "updated_at", time.time())
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     # --- one turn at a time per session ----------------------------------------------------------
 

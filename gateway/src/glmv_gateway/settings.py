@@ -40,6 +40,9 @@ class GatewaySettings(BaseSettings):
         DEFAULT_SCHEDULE, description="Audio tokens per decoder chunk; the last size repeats."
     )
     tokenize_timeout_s: float = Field(60.0, gt=0, description="Deadline of a Tokenize call.")
+    listen_timeout_s: float = Field(
+        4 * 3600.0, gt=0, description="Deadline of a duplex session's Listen stream (a long call's length)."
+    )
     turn_timeout_s: float = Field(
         600.0, gt=0, description="Deadline of the LM and decoder streams of a turn."
     )

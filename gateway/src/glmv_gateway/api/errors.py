@@ -9,12 +9,18 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from glmv_gateway import metrics
+from glmv_gateway.conversation.errors import TurnRejected
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, component: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.component = status, message, component
+
+
+def rejected(exc: TurnRejected) -> ApiError:
+    """A refused turn as an HTTP error (the kind's status; see conversation.errors.STATUS)."""
+    return ApiError(exc.status, exc.message, exc.component)
 
 
 def error_body(status: int, message: str, component: str | None = None) -> dict[str, object]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
 from glmv_gateway.api.state import AppState, app_state
-from glmv_gateway.schemas import SessionPatch, SessionSettings
+from glmv_gateway.schemas import SessionPatch, SessionSettings, apply_patch
 from glmv_gateway.sessions import SessionNotFound
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -51,8 +51,7 @@ async def patch_session(
         session = await state.store.get(session_id, owner=api_key)
     except SessionNotFound:
         raise not_found(session_id) from None
-    merged = {**session.settings, **patch.model_dump(mode="json", exclude_unset=True)}
-    settings = SessionSettings.model_validate(merged).model_dump(mode="json")
+    settings = apply_patch(session.settings, patch.model_dump(mode="json", exclude_unset=True))
     return (await state.store.update_settings(session_id, settings)).public()
 
 

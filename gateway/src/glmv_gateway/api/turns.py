@@ -10,14 +10,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
-from glmv_common import audio as audio_io
 from glmv_gateway.api.audio_input import check_declared_length, decode_body, parse_content_type, read_upload
 from glmv_gateway.api.auth import require_api_key
-from glmv_gateway.api.errors import ApiError
+from glmv_gateway.api.errors import ApiError, rejected
 from glmv_gateway.api.state import AppState, app_state
+from glmv_gateway.conversation import TurnRejected, TurnRun, UserInput, prepare_turn
+from glmv_gateway.conversation.audio_out import ReplyAudio
+from glmv_gateway.conversation.events import AudioDelta, ErrorEvent, TextDelta, TurnDone
 from glmv_gateway.schemas import TextTurn
-from glmv_gateway.turn import TurnRejected, TurnRun, UserInput, prepare_turn
 
 router = APIRouter(prefix="/v1/sessions", tags=["turns"])
 
@@ -65,26 +67,25 @@ async def parse_turn_input(request: Request, limit: int) -> UserInput:
     return UserInput(audio=samples, sample_rate=rate)
 
 
-def wire_event(event: dict[str, Any]) -> dict[str, Any]:
-    """NDJSON form of an event: audio samples as base64."""
-    if event["type"] != "audio.delta":
-        return event
-    wire = {k: v for k, v in event.items() if k != "data"}
-    wire["audio"] = base64.b64encode(event["data"]).decode()
-    return wire
+class TurnResponse(StreamingResponse):
+    """The NDJSON stream of one turn. However the response ends (finished, the client gone, the
+    server stopping) the turn's event stream is closed here, so its streams are cancelled, the
+    partial turn stored and the session lock and key slot released at once."""
 
+    def __init__(self, run: TurnRun, events: AsyncIterator[Any], **kwargs: Any) -> None:
+        super().__init__(self._lines(events), **kwargs)
+        self._events = events
 
-async def ndjson(run: TurnRun) -> AsyncIterator[bytes]:
-    async for event in run.events():
-        yield (json.dumps(wire_event(event), ensure_ascii=False) + "\n").encode()
+    @staticmethod
+    async def _lines(events: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+        async for event in events:
+            yield (json.dumps(event.to_wire(), ensure_ascii=False) + "\n").encode()
 
-
-def collect_wav(chunks: list[dict[str, Any]]) -> tuple[bytes, int]:
-    if not chunks:
-        return b"", 0
-    ordered = sorted(chunks, key=lambda c: c["seq"])
-    pcm = audio_io.decode_pcm(b"".join(c["data"] for c in ordered), chunks[0]["encoding"])[:, 0]
-    return audio_io.encode_wav(pcm, chunks[0]["sample_rate"]), len(pcm)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
 
 
 @router.post("/{session_id}/turns")
@@ -106,33 +107,38 @@ async def create_turn(
             user_input=user_input,
         )
     except TurnRejected as exc:
-        raise ApiError(exc.status, exc.message, exc.component) from None
+        raise rejected(exc) from None
     if stream:
-        return StreamingResponse(
-            ndjson(run),
+        return TurnResponse(
+            run,
+            run.events(),
             media_type="application/x-ndjson",
             headers={"X-Session-Id": session_id, "X-Turn-Id": run.turn_id, "Cache-Control": "no-store"},
         )
-    audio_chunks: list[dict[str, Any]] = []
-    text_parts: list[str] = []
-    done: dict[str, Any] = {}
-    errors: list[dict[str, Any]] = []
-    async for event in run.events():
-        if event["type"] == "audio.delta":
-            audio_chunks.append(event)
-        elif event["type"] == "text.delta":
-            text_parts.append(event["text"])
-        elif event["type"] == "error":
-            errors.append(event)
-        elif event["type"] == "turn.done":
-            done = event
-    wav, samples = collect_wav(audio_chunks)
-    body = {
-        **{k: v for k, v in done.items() if k != "type"},
+    audio = ReplyAudio()
+    done: TurnDone | None = None
+    errors: list[ErrorEvent] = []
+    events = run.events()
+    try:
+        async for event in events:
+            if isinstance(event, AudioDelta):
+                audio.add(event)
+            elif isinstance(event, ErrorEvent):
+                errors.append(event)
+            elif isinstance(event, TurnDone):
+                done = event
+            elif isinstance(event, TextDelta):
+                pass
+    finally:
+        await events.aclose()
+    assert done is not None
+    wav = audio.wav()
+    body: dict[str, Any] = {
+        **{k: v for k, v in done.to_wire().items() if k != "type"},
         "audio_wav_base64": base64.b64encode(wav).decode(),
-        "audio_samples": samples,
-        "sample_rate": audio_chunks[0]["sample_rate"] if audio_chunks else None,
+        "audio_samples": int(audio.pcm().size),
+        "sample_rate": audio.sample_rate,
     }
     if errors:
-        body["error"] = errors[0]
+        body["error"] = errors[0].to_wire()
     return JSONResponse(body, status_code=502 if errors else 200)

@@ -1,4 +1,4 @@
-"""Run one job through the turn pipeline: fresh session → prepare_turn → reply events → results.
+"""Run one job through the turn pipeline: fresh session → admission → reply events → results.
 
 Raised :class:`ServiceUnavailable` means "try again later" (the Celery task retries with backoff);
 every other outcome is final and recorded in the job's metadata.
@@ -16,11 +16,13 @@ from typing import Any
 from glmv_common import audio as audio_io
 from glmv_common.logs import get_logger, kv, log_context
 from glmv_gateway.clients import ServiceClients
+from glmv_gateway.conversation import TurnRejected, UserInput, prepare_turn
+from glmv_gateway.conversation.audio_out import ReplyAudio
+from glmv_gateway.conversation.events import AudioDelta, ErrorEvent, TurnDone
 from glmv_gateway.jobs.store import TERMINAL, JobStore, job_key, write_atomic
 from glmv_gateway.jobs.webhook import deliver
 from glmv_gateway.sessions import SessionStore
 from glmv_gateway.settings import GatewaySettings
-from glmv_gateway.turn import TurnRejected, UserInput, prepare_turn
 
 log = get_logger("glmv.jobs")
 RUN_LOCK_TTL_S = 10
@@ -131,40 +133,39 @@ async def _generate(
                 raise ServiceUnavailable(exc.component, exc.message) from None
             await jobs.transition(job_id, "failed", error=exc.message, finished_at=time.time())
             return "failed"
-        chunks: list[bytes] = []
-        encoding = audio_io.Encoding.parse(run.session.output.encoding)
+        audio = ReplyAudio()
         done: dict[str, Any] = {}
-        error: dict[str, Any] | None = None
+        error: ErrorEvent | None = None
         last_check = time.monotonic()
         events = run.events()
         try:
             async for event in events:
-                kind = event["type"]
-                if kind == "audio.delta":
-                    chunks.append(event["data"])
-                elif kind == "error" and event.get("component") != "redis":
+                if isinstance(event, AudioDelta):
+                    audio.add(event)
+                elif isinstance(event, ErrorEvent) and event.component != "redis":
                     error = event  # (a job's throwaway session history not being saved is no error)
-                elif kind == "turn.done":
-                    done = event
+                elif isinstance(event, TurnDone):
+                    done = event.to_wire()
                 if time.monotonic() - last_check > 0.5:
                     last_check = time.monotonic()
                     current = await jobs.get(job_id)
                     if current is None or current["state"] == "cancelled":
                         raise JobCancelled(job_id)
-                    generated = len(run.reply.ids) if run.reply else 0
+                    generated = len(run.state.ids)
                     await jobs.update(job_id, progress=min(99, int(100 * generated / max_tokens)))
         except JobCancelled:
-            await events.aclose()
             log.info("job cancelled while running")
             return "cancelled"
+        finally:
+            await events.aclose()
         if error is not None:
-            if error.get("code") in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                raise ServiceUnavailable(error.get("component"), error.get("message", ""))
-            message = f"{error.get('component')}: {error.get('code')}: {error.get('message')}"
+            if error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise ServiceUnavailable(error.component, error.message)
+            message = f"{error.component}: {error.code}: {error.message}"
             await jobs.transition(job_id, "failed", error=message, finished_at=time.time())
             return "failed"
-        rate = run.session.output.sample_rate
-        pcm = audio_io.decode_pcm(b"".join(chunks), encoding)[:, 0]
+        rate = run.admitted.settings.output.sample_rate
+        pcm = audio.pcm()
         directory = jobs.job_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
         transcript = {

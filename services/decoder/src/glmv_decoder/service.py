@@ -193,7 +193,7 @@ class DecoderServicer(decoder_pb2_grpc.SpeechDecoderServicer):
                     continue
                 if kind == "finish":
                     n_before = len(job.stream.timings)
-                    audio = await svc.run(job, job.stream.finish)
+                    audio = await svc.run(job, job.stream.finish, list(message.finish.tokens))
                     new_timings = job.stream.timings[n_before:]
                     svc.account(job, new_timings)
                     await self._reject_after_finish(queue)
