@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from glmv_common import audio as audio_io
 from glmv_gateway import metrics
 from glmv_gateway.clients import ComponentError, ServiceClients
 from glmv_gateway.conversation.errors import TurnRejected
-from glmv_gateway.schemas import MAX_TEXT_CHARS, SessionSettings
+from glmv_gateway.schemas import MAX_TEXT_CHARS, SessionSettings, apply_patch
 from glmv_gateway.sessions import SessionBusy, SessionNotFound, SessionStore, TooManyTurns
 from glmv_gateway.settings import GatewaySettings
 
@@ -40,6 +41,24 @@ class UserInput:
     @property
     def kind(self) -> str:
         return "text" if self.text is not None else "audio"
+
+
+def merge_inputs(inputs: list[UserInput]) -> UserInput:
+    """Several user items answered by one reply: texts joined by newlines, or speech tokens
+    concatenated. GLM-4-Voice's user turn is either text or speech, so mixing them is refused."""
+    if not inputs:
+        raise TurnRejected("invalid_request", "there is no user input to respond to")
+    if len(inputs) == 1:
+        return inputs[0]
+    kinds = {i.kind for i in inputs}
+    if kinds == {"text"}:
+        return UserInput(text="\n".join(i.text or "" for i in inputs))
+    if any(i.tokens is None for i in inputs) or kinds != {"audio"}:
+        raise TurnRejected(
+            "invalid_request", "one reply answers either text or speech items; respond between them"
+        )
+    tokens = [t for i in inputs for t in (i.tokens or [])]
+    return UserInput(tokens=tokens, tokenize_ms=inputs[-1].tokenize_ms)
 
 
 def check_text(text: object) -> str:
@@ -87,15 +106,24 @@ async def admit(
     session_id: str,
     api_key: str,
     user_input: UserInput,
+    overrides: dict[str, Any] | None = None,
 ) -> Admitted:
-    """Take the lock and the slot, tokenize, load history. Raises :class:`TurnRejected`."""
+    """Take the lock and the slot, tokenize, load history. Raises :class:`TurnRejected`.
+    ``overrides``: settings changed for this turn only (a session-settings patch)."""
     started = time.perf_counter()
     turn_id = uuid.uuid4().hex
     try:
         session = await store.get(session_id, owner=api_key)
     except SessionNotFound:
         raise TurnRejected("not_found", f"session {session_id} not found (expired or deleted)") from None
-    settings = SessionSettings.model_validate(session.settings)
+    try:
+        settings = SessionSettings.model_validate(apply_patch(session.settings, overrides or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise TurnRejected(
+            "invalid_request", f"bad settings for this turn: {where}: {first.get('msg')}"
+        ) from None
     if user_input.audio is not None:
         seconds = len(user_input.audio) / user_input.sample_rate
         if seconds > config.max_audio_seconds:

@@ -34,7 +34,7 @@ from glmv_common.errors import AudioError
 from glmv_common.logs import get_logger, log_context
 from glmv_gateway import metrics
 from glmv_gateway.clients import ComponentError, ServiceClients
-from glmv_gateway.conversation.admission import UserInput, admit, check_text
+from glmv_gateway.conversation.admission import UserInput, admit, check_text, merge_inputs
 from glmv_gateway.conversation.errors import TurnRejected, component_error_event, error_event
 from glmv_gateway.conversation.events import (
     Event,
@@ -96,7 +96,10 @@ class Conversation:
         *,
         transport: str = "ws",
         input_format: AudioFormat | None = None,
+        respond_on_commit: bool = True,
     ) -> None:
+        """``respond_on_commit``: a client ``commit`` starts the reply at once (the native
+        protocol); False keeps the committed utterance in ``pending_inputs`` until ``respond``."""
         self.store, self.clients, self.config = store, clients, config
         self.session_id, self.api_key, self.transport = session_id, api_key, transport
         self.input_format = input_format or AudioFormat()
@@ -109,8 +112,13 @@ class Conversation:
         self._run: TurnRun | None = None  # the current (or last) reply
         self._played_ms: float | None = None
         self._speech_ended_at: float | None = None
+        self._pending_speech_end: float | None = None
         self._closed = False
         self.turns_started = 0
+        self.respond_on_commit = respond_on_commit
+        self.pending_inputs: list[UserInput] = []  # committed user input not yet answered
+        self._audio_ms = 0.0  # user audio received over the whole session
+        self._listen_base_ms = 0.0  # where the current Listen stream's offsets start
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -201,6 +209,7 @@ class Conversation:
             )
             return
         stream = self._ensure_listen()
+        self._audio_ms += 1000.0 * len(data) / fmt.bytes_per_second
         try:
             await stream.send_audio(data, int(fmt.encoding), fmt.sample_rate, fmt.channels)
         except ComponentError as exc:
@@ -313,10 +322,69 @@ class Conversation:
             self.emit(TurnTruncated(turn_id=turn_id, **details))
         return details
 
+    async def input_from_audio(self, data: bytes, fmt: AudioFormat) -> UserInput | None:
+        """A whole user audio item (not streamed) tokenized at once; None (and an error event) if
+        the audio is unusable."""
+        try:
+            samples = audio_io.decode_pcm(data, fmt.encoding, channels=fmt.channels)
+        except AudioError as exc:
+            self.error("invalid_request", str(exc))
+            return None
+        chunk = audio_io.to_audio_chunk(
+            audio_io.first_channel(samples), fmt.sample_rate, audio_io.Encoding.PCM16
+        )
+        try:
+            reply = await self.clients.tokenize(
+                chunk,
+                request_id=uuid.uuid4().hex,
+                session_id=self.session_id,
+                timeout=self.config.tokenize_timeout_s,
+            )
+        except ComponentError as exc:
+            self.emit(component_error_event(exc))
+            return None
+        if not reply.tokens:
+            self.error("no_speech", "the audio produced no speech tokens")
+            return None
+        return UserInput(tokens=list(reply.tokens))
+
+    async def respond(
+        self,
+        inputs: list[UserInput] | None = None,
+        *,
+        overrides: dict[str, Any] | None = None,
+        audio: bool = True,
+        store: bool = True,
+    ) -> TurnRun | None:
+        """Reply to ``inputs`` (default: everything committed and not yet answered). Refused with an
+        error event while a reply is running. ``overrides``: settings for this reply only;
+        ``audio=False``: text only; ``store=False``: out of band, not added to history."""
+        if self.replying:
+            self.error("busy", "a reply is already in progress; cancel it first")
+            return None
+        use_pending = inputs is None
+        try:
+            user = merge_inputs(self.pending_inputs if use_pending else list(inputs or []))
+        except TurnRejected as exc:
+            self.emit(exc.event())
+            return None
+        if use_pending:
+            self.pending_inputs = []
+        ended, self._pending_speech_end = self._pending_speech_end, None
+        return await self.start_turn(
+            user, speech_ended_at=ended, overrides=overrides, audio=audio, store=store
+        )
+
     # --- turns ------------------------------------------------------------------------------------
 
     async def start_turn(
-        self, user_input: UserInput, *, speech_ended_at: float | None = None
+        self,
+        user_input: UserInput,
+        *,
+        speech_ended_at: float | None = None,
+        overrides: dict[str, Any] | None = None,
+        audio: bool = True,
+        store: bool = True,
     ) -> TurnRun | None:
         """Admit a turn and stream its events in the background; a refusal is an error event."""
         try:
@@ -327,6 +395,7 @@ class Conversation:
                 session_id=self.session_id,
                 api_key=self.api_key,
                 user_input=user_input,
+                overrides=overrides,
             )
         except TurnRejected as exc:
             self.emit(exc.event())
@@ -334,7 +403,9 @@ class Conversation:
         except RedisError as exc:
             self.error("unavailable", f"the session store (Redis) is unavailable: {exc}", "redis")
             return None
-        run = TurnRun(self.clients, self.config, admitted, speech_ended_at=speech_ended_at)
+        run = TurnRun(
+            self.clients, self.config, admitted, speech_ended_at=speech_ended_at, audio=audio, store=store
+        )
         self._run, self._played_ms = run, None
         self.turns_started += 1
         self._turn_task = asyncio.create_task(self._stream(run))
@@ -392,6 +463,7 @@ class Conversation:
                 timeout=self.config.listen_timeout_s,
             )
             self._listen_task = asyncio.create_task(self._read_listen(self._listen))
+            self._listen_base_ms = self._audio_ms  # offsets stay monotonic across streams
         return self._listen
 
     def _drop_listen(self) -> None:
@@ -420,6 +492,9 @@ class Conversation:
                     self._listen = None
                     self.error("upstream", f"listening failed: {type(exc).__name__}: {exc}", "tokenizer")
 
+    def _offset(self, ms: int) -> int:
+        return round(self._listen_base_ms + ms)
+
     async def _on_listen(self, event: tokenizer_pb2.ListenEvent) -> None:
         kind = event.WhichOneof("msg")
         td = self.settings.turn_detection
@@ -427,7 +502,7 @@ class Conversation:
             self.emit(
                 SpeechStarted(
                     utterance=event.speech_started.utterance,
-                    audio_start_ms=event.speech_started.audio_start_ms,
+                    audio_start_ms=self._offset(event.speech_started.audio_start_ms),
                 )
             )
             if td.interrupt_response:
@@ -436,7 +511,8 @@ class Conversation:
             self._speech_ended_at = time.perf_counter()
             self.emit(
                 SpeechStopped(
-                    utterance=event.speech_stopped.utterance, audio_end_ms=event.speech_stopped.audio_end_ms
+                    utterance=event.speech_stopped.utterance,
+                    audio_end_ms=self._offset(event.speech_stopped.audio_end_ms),
                 )
             )
         elif kind == "done":
@@ -452,15 +528,18 @@ class Conversation:
                 InputCommitted(
                     utterance=done.utterance,
                     tokens=len(done.tokens),
-                    audio_start_ms=done.audio_start_ms,
-                    audio_end_ms=done.audio_end_ms,
+                    audio_start_ms=self._offset(done.audio_start_ms),
+                    audio_end_ms=self._offset(done.audio_end_ms),
                     by=by,
                 )
             )
-            if done.committed or td.create_response:
-                ended, self._speech_ended_at = self._speech_ended_at, None
+            user = UserInput(tokens=list(done.tokens), tokenize_ms=round(done.finish_ms, 1))
+            ended, self._speech_ended_at = self._speech_ended_at, None
+            if self.respond_on_commit if done.committed else td.create_response:
                 await self._stop_reply(by="commit")
-                user = UserInput(tokens=list(done.tokens), tokenize_ms=round(done.finish_ms, 1))
                 await self.start_turn(user, speech_ended_at=ended)
+            else:
+                self.pending_inputs.append(user)
+                self._pending_speech_end = ended
         elif kind == "cleared":
             self._pending_bytes = 0

@@ -83,9 +83,10 @@ class ReplyPump:
         *,
         schedule: tuple[int, ...],
         timeout_s: float,
+        audio: bool = True,
     ) -> None:
         self.clients, self.admitted, self.request, self.state = clients, admitted, request, state
-        self.schedule, self.timeout_s = schedule, timeout_s
+        self.schedule, self.timeout_s, self.audio = schedule, timeout_s, audio
         self.error: ComponentError | None = None
         self.completed = False
         self._queue: asyncio.Queue[Signal] = asyncio.Queue()
@@ -136,16 +137,16 @@ class ReplyPump:
         state, timings = self.state, self.admitted.timings
         encoding = audio_io.Encoding.parse(self.admitted.settings.output.encoding)
         lm_call = self.clients.generate(self.request, timeout=self.timeout_s)
-        decoder = self.clients.synthesize(self._decoder_start(), timeout=self.timeout_s)
-        tasks = [
-            asyncio.create_task(self._read_lm(lm_call)),
-            asyncio.create_task(self._read_decoder(decoder)),
-        ]
+        tasks = [asyncio.create_task(self._read_lm(lm_call))]
+        decoder: DecoderStream | None = None
+        if self.audio:  # text-only replies open no decoder stream
+            decoder = self.clients.synthesize(self._decoder_start(), timeout=self.timeout_s)
+            tasks.append(asyncio.create_task(self._read_decoder(decoder)))
         sizes = chunk_sizes(self.schedule)
         next_size = next(sizes)
         pending: list[int] = []
         tokens_sent = 0
-        lm_open, decoder_open = True, True
+        lm_open, decoder_open = True, decoder is not None
         decoder_finished = False
         try:
             while lm_open or (decoder_open and decoder_finished):
@@ -161,6 +162,8 @@ class ReplyPump:
                     state.ids.append(signal.token_id)
                     state.pieces.append(None)
                     state.audio_tokens.append(signal.token)
+                    if decoder is None:
+                        continue
                     pending.append(signal.token)
                     if len(pending) >= next_size:
                         await decoder.send_tokens(pending)
@@ -193,7 +196,9 @@ class ReplyPump:
                         lm_open = False
                         if state.done is None:
                             break  # the LM stream ended without its done message: an error is queued
-                        if tokens_sent or pending:
+                        if decoder is None:
+                            pass
+                        elif tokens_sent or pending:
                             await decoder.finish(pending)  # the last tokens are the final chunk
                             pending, decoder_finished = [], True
                         else:
@@ -213,7 +218,7 @@ class ReplyPump:
             self.completed = self.error is None and state.done is not None and not decoder_open
         finally:
             lm_call.cancel()
-            if not self.completed:
+            if not self.completed and decoder is not None:
                 decoder.cancel()
             for task in tasks:
                 if not task.done():

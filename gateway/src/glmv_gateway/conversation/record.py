@@ -104,6 +104,7 @@ async def store_turn(
     partial: bool,
     final_text: str,
     interrupted: bool,
+    store: bool = True,
 ) -> dict[str, Any]:
     """Usage, timings, metrics and the history write. Returns ``summary`` (the ``turn.done`` fields),
     plus ``store_error`` if the history write failed and ``truncated`` details if the turn was cut."""
@@ -164,7 +165,7 @@ async def store_turn(
     if timings["time_to_first_text_ms"] is not None:
         metrics.STAGE_SECONDS.labels("first_text").observe(timings["time_to_first_text_ms"] / 1000)
     record: dict[str, Any] = {"summary": summary, "truncated": truncated}
-    if state.ids:  # a turn that failed before the LM produced anything leaves history unchanged
+    if state.ids and store:  # a turn that failed before the LM produced anything leaves history unchanged
         turn = history_entry(
             admitted, ids, text, len(state.audio_tokens), end_reason, partial, usage, timings
         )

@@ -87,8 +87,13 @@ class TurnRun:
         admitted: Admitted,
         *,
         speech_ended_at: float | None = None,
+        audio: bool = True,
+        store: bool = True,
     ) -> None:
+        """``audio=False``: text only, no decoder stream. ``store=False``: out of band, the turn is
+        not added to the session's history."""
         self.clients, self.config, self.admitted = clients, config, admitted
+        self.audio, self.store = audio, store
         self.state = ReplyState(sample_rate=admitted.settings.output.sample_rate)
         self.speech_ended_at = speech_ended_at  # perf_counter() at the end of the user's speech
         self.record: dict[str, Any] | None = None
@@ -124,6 +129,7 @@ class TurnRun:
             state,
             schedule=tuple(admitted.settings.chunk_schedule or self.config.chunk_schedule),
             timeout_s=self.config.turn_timeout_s,
+            audio=self.audio,
         )
         try:
             yield TurnStarted(
@@ -155,6 +161,7 @@ class TurnRun:
                     partial=not pump.completed,
                     final_text="".join(state.text),
                     interrupted=interrupted,
+                    store=self.store,
                 )
             )
             await asyncio.shield(admitted.release())
