@@ -83,14 +83,19 @@ def config(**vad) -> tokenizer_pb2.ListenRequest:
 
 
 @pytest.fixture
-async def server(dev_dir: Path):
+async def server_addr(dev_dir: Path):
     settings = TokenizerSettings(model_dir=dev_dir, port=0, max_audio_seconds=40.0, max_batch_wait_ms=0.0)
     service = TokenizerService(settings)
     running = await start_service(service, settings)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield f"127.0.0.1:{running.port}"
+    await running.stop(grace=0)
+
+
+@pytest.fixture
+async def server(server_addr: str):
+    channel = grpc.aio.insecure_channel(server_addr)
     yield tokenizer_pb2_grpc.SpeechTokenizerStub(channel)
     await channel.close()
-    await running.stop(grace=0)
 
 
 async def listen(stub, messages: list[tokenizer_pb2.ListenRequest]) -> list[tokenizer_pb2.ListenEvent]:
@@ -283,3 +288,50 @@ async def test_client_cancel_leaves_no_active_stream(server) -> None:
             break
         await asyncio.sleep(0.01)
     assert metrics.LISTEN_ACTIVE._value.get() == before
+
+
+async def test_gateway_listen_client(server_addr) -> None:
+    from glmv_gateway.clients import ComponentError, ServiceClients
+
+    a, b = phrases()
+    audio, truth = layout([0.6, a, 1.0, b])  # ends in speech: half-close finishes it
+    clients = ServiceClients(server_addr, "127.0.0.1:1", "127.0.0.1:1")
+    try:
+        stream = clients.listen(
+            request_id="r1", session_id="s1", vad=tokenizer_pb2.VadConfig(enabled=True), timeout=120
+        )
+        for f in frames(pcm16(audio), RATE, Encoding.PCM16):
+            await stream.send_audio(f.data, Encoding.PCM16, RATE)
+        await stream.close()
+        events = [e async for e in stream.events()]
+        assert kinds(events) == [
+            ("speech_started", 1), ("speech_stopped", 1), ("done", 1),
+            ("speech_started", 2), ("speech_stopped", 2), ("done", 2),
+        ]  # fmt: skip
+        assert events[4].speech_stopped.audio_end_ms == len(audio) // 16
+        assert abs(events[3].speech_started.speech_start_ms - truth[1][0]) <= TOLERANCE_MS
+
+        manual = clients.listen(request_id="r2", session_id="s1", vad=None, timeout=120)
+        await manual.send_audio(encode_pcm(a, Encoding.PCM16), Encoding.PCM16, RATE)
+        await manual.clear()
+        await manual.configure(tokenizer_pb2.VadConfig(enabled=True, silence_duration_ms=800))
+        await manual.commit()
+        await manual.close()
+        assert kinds([e async for e in manual.events()]) == [("cleared", 1), ("done", 2)]
+
+        bad = clients.listen(
+            request_id="r3", session_id="s1", vad=tokenizer_pb2.VadConfig(enabled=True, threshold=2.0),
+            timeout=120,
+        )
+        with pytest.raises(ComponentError) as err:
+            _ = [e async for e in bad.events()]
+        assert err.value.component == "tokenizer" and err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+        cancelled = clients.listen(request_id="r4", session_id="s1", vad=None, timeout=120)
+        await cancelled.send_audio(encode_pcm(a, Encoding.PCM16), Encoding.PCM16, RATE)
+        cancelled.cancel()
+        assert [e async for e in cancelled.events()] == []
+        with pytest.raises(RuntimeError):
+            await cancelled.commit()
+    finally:
+        await clients.close()
