@@ -239,7 +239,7 @@ class ListenSession:
 
     def _speech_end(self) -> int:
         assert self._silence is not None and self._utt is not None
-        return max(self._silence - END_LAG, self._utt.start)
+        return max(self._silence - END_LAG, self._utt.fed)  # fed audio stays in the utterance
 
     def _open(self, start: int) -> _Utterance:
         self._count += 1
