@@ -8,6 +8,7 @@ whole utterance run in ``asyncio.to_thread``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -127,13 +128,28 @@ class TokenizerServicer(tokenizer_pb2_grpc.SpeechTokenizerServicer):
         self,
         request_iterator: AsyncIterator[tokenizer_pb2.ListenRequest],
         context: grpc.aio.ServicerContext,
+    ) -> None:
+        # A coroutine writing through the context rather than an async generator: a cancelled
+        # generator suspended at a yield is only closed when it is garbage collected, which would
+        # leave the stream counted as open.
+        metrics.LISTEN_ACTIVE.inc()
+        try:
+            async with contextlib.aclosing(self._listen(request_iterator, context)) as events:
+                async for event in events:
+                    await context.write(event)
+        finally:
+            metrics.LISTEN_ACTIVE.dec()
+
+    async def _listen(
+        self,
+        request_iterator: AsyncIterator[tokenizer_pb2.ListenRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[tokenizer_pb2.ListenEvent]:
         svc = self._service
         meta = {k: v for k, v in (context.invocation_metadata() or ())}
         ids = {"request_id": meta.get("x-request-id") or None, "session_id": meta.get("x-session-id") or None}
         session = ListenSession(submit=svc.submit, new_plan=svc.new_plan, vad_model=svc.vad_model)
         stream = _StreamDecoder()
-        metrics.LISTEN_ACTIVE.inc()
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("msg")
@@ -166,8 +182,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.SpeechTokenizerServicer):
             with log_context(**ids):
                 log.info("listen stream refused: %s", exc)
             await context.abort(*_invalid(exc))
-        finally:
-            metrics.LISTEN_ACTIVE.dec()
 
     async def GetInfo(
         self, request: common_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
