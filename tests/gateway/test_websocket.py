@@ -53,6 +53,9 @@ def test_streamed_audio_turn_over_websocket(stack, client: GatewayClient, sample
             ws.send(data[i : i + 3200])
         ws.send(json.dumps({"type": "commit"}))
         events, frames = receive_until(ws, {"turn.done"})
+    committed, events = events[0], events[1:]
+    assert committed["type"] == "input.committed" and committed["by"] == "client"
+    assert committed["tokens"] == -(-len(data) // 2 // 1280)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "turn.started" and kinds[-1] == "turn.done"
     audio_headers = [e for e in events if e["type"] == "audio.delta"]

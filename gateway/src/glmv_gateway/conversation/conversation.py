@@ -113,6 +113,7 @@ class Conversation:
         self._played_ms: float | None = None
         self._speech_ended_at: float | None = None
         self._pending_speech_end: float | None = None
+        self._respond_when_done = False
         self._closed = False
         self.turns_started = 0
         self.respond_on_commit = respond_on_commit
@@ -418,6 +419,10 @@ class Conversation:
                 self.emit(event)
         finally:
             await events.aclose()
+        if self._respond_when_done and not self._closed:
+            self._respond_when_done = False
+            self._turn_task = None
+            await self.respond()
 
     async def _stop_reply(self, *, by: str, announce: bool = True) -> bool:
         task, run = self._turn_task, self._run
@@ -535,9 +540,17 @@ class Conversation:
             )
             user = UserInput(tokens=list(done.tokens), tokenize_ms=round(done.finish_ms, 1))
             ended, self._speech_ended_at = self._speech_ended_at, None
-            if self.respond_on_commit if done.committed else td.create_response:
+            respond = self.respond_on_commit if done.committed else td.create_response
+            if respond and self.replying and not done.committed and not td.interrupt_response:
+                # speech during a reply that may not be interrupted: answered when the reply ends
+                self.pending_inputs.append(user)
+                self._pending_speech_end = ended
+                self._respond_when_done = True
+            elif respond:
                 await self._stop_reply(by="commit")
-                await self.start_turn(user, speech_ended_at=ended)
+                self.pending_inputs.append(user)
+                self._pending_speech_end = ended
+                await self.respond()
             else:
                 self.pending_inputs.append(user)
                 self._pending_speech_end = ended
