@@ -206,6 +206,33 @@ def test_lm_turns_go_to_the_replica_holding_the_session_prefix(ready: LocalStack
     assert metric(ready, "glmv_gateway_lm_replica_calls_total", "gateway", 'affinity="fallback"') == 0
 
 
+def set_decoder_registry(stack: LocalStack, **changes: dict[str, Any]) -> None:
+    """Rewrite the registry file with ``changes`` applied per version id."""
+    path: Path = stack.versions_file  # type: ignore[attr-defined]
+    registry = json.loads(path.read_text())
+    registry["decoder"] = [{**v, **changes.get(v["id"], {})} for v in registry["decoder"]]
+    path.write_text(json.dumps(registry))
+
+
+def test_draining_version_keeps_its_sessions_and_gets_no_new_ones(ready: LocalStack) -> None:
+    with GatewayClient(ready.gateway_url, ready.api_key) as c:
+        kept = c.create_session(**FAST, versions={"decoder": "v2"})["id"]
+        set_decoder_registry(ready, v2={"draining": True})
+        try:
+            wait_for(lambda: decoder_states(ready)["v2"] == "draining", "v2 draining")
+            assert {v["id"]: v["traffic_share"] for v in models(ready)["decoder"]}["v2"] == 0
+            assert {c.create_session()["versions"]["decoder"] for _ in range(30)} == {"v1"}
+            r = c.http.post("/v1/sessions", json={"versions": {"decoder": "v2"}})
+            assert r.status_code == 409 and "draining" in r.text
+            before = metric(ready, "glmv_decoder_tokens_total", "decoder_v2")
+            assert c.turn(kept, text="Still there?").error is None
+            assert c.get_session(kept)["versions"]["decoder"] == "v2"
+            assert metric(ready, "glmv_decoder_tokens_total", "decoder_v2") > before
+        finally:
+            set_decoder_registry(ready, v2={"draining": False})
+        wait_for(lambda: decoder_states(ready)["v2"] == "serving", "v2 serving again")
+
+
 def test_killing_a_version_moves_its_sessions(ready: LocalStack) -> None:
     with GatewayClient(ready.gateway_url, ready.api_key) as c:
         victims = [c.create_session(**FAST, versions={"decoder": "v2"})["id"] for _ in range(3)]
@@ -223,8 +250,15 @@ def test_killing_a_version_moves_its_sessions(ready: LocalStack) -> None:
         assert metric(ready, "glmv_gateway_version_moves_total", "gateway", 'from_version="v2"') >= 3
         # new sessions avoid the failed version
         assert {c.create_session()["versions"]["decoder"] for _ in range(20)} == {"v1"}
-        # removing it from the registry: the file is re-read, the version disappears
-        registry = json.loads(ready.versions_file.read_text())  # type: ignore[attr-defined]
-        registry["decoder"] = [v for v in registry["decoder"] if v["id"] != "v2"]
-        ready.versions_file.write_text(json.dumps(registry))  # type: ignore[attr-defined]
-        wait_for(lambda: "v2" not in decoder_states(ready), "v2 removed from the registry")
+        # a version removed from the registry: its sessions move with reason "removed"
+        on_v1 = c.create_session(**FAST)["id"]
+        path: Path = ready.versions_file  # type: ignore[attr-defined]
+        registry = json.loads(path.read_text())
+        registry["decoder"] = [v for v in registry["decoder"] if v["id"] != "v1"] + [
+            {"id": "v1b", "addresses": [ready.addr("decoder")], "weight": 1}
+        ]
+        path.write_text(json.dumps(registry))
+        wait_for(lambda: decoder_states(ready).get("v1b") == "serving", "v1b in the registry")
+        assert c.get_session(on_v1)["versions"]["decoder"] == "v1b"
+        log = (ready.log_dir / "gateway.log").read_text()
+        assert "session moved to another decoder version: v1 -> v1b (removed)" in log

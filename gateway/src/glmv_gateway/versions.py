@@ -361,7 +361,9 @@ class VersionRegistry:
             for v in vs:
                 was = list(v.problems)
                 info = v.info
-                v.problems = compatibility_with_lm(v.component, v.id, info, lm) if info and lm else []
+                if info is None or lm is None:
+                    continue  # nothing new to compare: a refusal stands until the version or the LM changes
+                v.problems = compatibility_with_lm(v.component, v.id, info, lm)
                 if v.problems and v.problems != was:
                     log.error(
                         "version refused: incompatible with the LM",
@@ -439,12 +441,12 @@ class VersionRegistry:
         shares = self.shares()[component]
         ids = [i for i, s in shares.items() if s > 0]
         if not ids:
-            states = ", ".join(f"{v.id}: {self._state(v)}" for v in vs)
+            states = ", ".join(f"{v.id}: {self.state_of(v)}" for v in vs)
             raise VersionUnavailable(503, f"no {component} version takes new sessions ({states})")
         return self.rng.choices(ids, weights=[shares[i] for i in ids])[0]
 
     @staticmethod
-    def _state(v: Version) -> str:
+    def state_of(v: Version) -> str:
         if v.problems:
             return "incompatible"
         if v.draining:
@@ -566,7 +568,7 @@ class VersionRegistry:
                         "weight": v.weight,
                         "draining": v.draining,
                         "health": v.health,
-                        "state": self._state(v),
+                        "state": self.state_of(v),
                         "compatible": not v.problems if info and lm else None,
                         "problems": v.problems,
                         "traffic_share": round(shares[component][v.id], 4),

@@ -56,7 +56,7 @@ async def readiness(state: AppState) -> tuple[bool, dict[str, object]]:
     registry = state.clients.registry
     await registry.probe()
     report["services"] = {c: _summary(registry, c) for c in ("tokenizer", "lm", "decoder")}
-    report["versions"] = {c: {v.id: registry._state(v) for v in vs} for c, vs in registry.versions.items()}
+    report["versions"] = {c: {v.id: registry.state_of(v) for v in vs} for c, vs in registry.versions.items()}
     if any(s != "SERVING" for s in report["services"].values()):  # type: ignore[union-attr]
         return False, report
     models: dict[str, object] = {}
