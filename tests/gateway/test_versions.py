@@ -198,8 +198,11 @@ def test_lm_turns_go_to_the_replica_holding_the_session_prefix(ready: LocalStack
                 assert c.turn(sid, text=text).error is None
         for sid in sessions:
             turns = c.history(sid)["turns"]
-            # the second turn's prompt starts with the first turn: reused on the same replica
-            assert turns[1]["usage"]["lm_cached_prompt_tokens"] > 0, turns[1]["usage"]
+            # the second turn's prompt starts with the whole first prompt (and reply): reused from the
+            # cache of the replica that served the first turn (any prompt shares the system prompt,
+            # so only reusing at least the first prompt shows the same replica served both)
+            first, second = turns[0]["usage"], turns[1]["usage"]
+            assert second["lm_cached_prompt_tokens"] >= first["prompt_tokens"], (first, second)
     # and both replicas serve some of the sessions
     assert metric(ready, "glmv_lm_requests_total", "lm") > 0
     assert metric(ready, "glmv_lm_requests_total", "lm2") > 0
