@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
 from glmv_gateway.api.state import AppState, app_state
-from glmv_gateway.schemas import SessionCreate, SessionPatch, SessionSettings, apply_patch
+from glmv_gateway.schemas import SessionCreate, SessionPatch, apply_patch
 from glmv_gateway.sessions import SessionNotFound
 from glmv_gateway.versions import VersionUnavailable
 

@@ -46,6 +46,7 @@ from glmv_gateway.conversation.events import (
     TurnCancelled,
     TurnDone,
     TurnTruncated,
+    VersionMoved,
 )
 from glmv_gateway.conversation.record import heard_ms, truncate_stored
 from glmv_gateway.conversation.turn import TurnRun
@@ -137,6 +138,8 @@ class Conversation:
         conversation = cls(store, clients, config, session_id, api_key, **kwargs)
         session = await store.get(session_id, owner=api_key)
         conversation.settings = SessionSettings.model_validate(session.settings)
+        for notice in session.events:
+            conversation.emit(VersionMoved.model_validate(notice))
         metrics.ACTIVE_CONVERSATIONS.labels(transport=conversation.transport).inc()
         return conversation
 
