@@ -435,7 +435,8 @@ class Conversation:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        metrics.BARGE_INS.labels(by=by).inc()
+        if by != "close":
+            metrics.BARGE_INS.labels(by=by).inc()
         heard = run.state.heard()
         if announce or self._closed:
             self.emit(TurnCancelled(turn_id=run.turn_id, heard_ms=heard_ms(heard, run.state.sample_rate)))
