@@ -111,13 +111,14 @@ def one_turn(url: str, client, body: dict, voice: np.ndarray, barge: bool) -> di
             t = listener.wait_for(kind, timeout=1)
             out[kind] = (t - t_end) * 1000 if t else None
         if barge:
-            time.sleep(0.4)  # the reply plays for a while, then the user talks over it
+            time.sleep(0.2)  # the reply plays for a while, then the user talks over it
             t1 = time.perf_counter() + 0.02
             onset = t1 + start_s
             send_paced(ws, audio_io.encode_pcm(voice[: int(16000 * (start_s + 0.6))], "pcm16"), t1)
             cancelled = listener.wait_for("turn.cancelled", after=t1)
             if cancelled is None:
-                out["error"] = "no turn.cancelled"
+                done = listener.wait_for("turn.done", after=first, timeout=0.1)
+                out["error" if done is None else "reply_over"] = "no turn.cancelled"
             else:
                 with listener.lock:
                     audio_times = [
@@ -159,13 +160,16 @@ def run(args: argparse.Namespace) -> str:
                 started = [r["turn.started"] for r in ok if r.get("turn.started") is not None]
                 cancel = [r["barge_cancel_ms"] for r in okb]
                 last = [r["barge_last_audio_ms"] for r in okb]
+                over = sum(1 for r in barge if "reply_over" in r)
+                errors = len(eos) - len(ok) + sum(1 for r in barge if "error" in r)
                 rows.append([label, len(ok), C.pct(e2a, 50), C.pct(e2a, 95), C.med(stop), C.med(started),
-                             len(okb), C.pct(cancel, 50), C.pct(cancel, 95), C.pct(last, 95),
-                             len(eos) - len(ok) + len(barge) - len(okb)])  # fmt: skip
+                             len(okb), over, C.pct(cancel, 50), C.pct(cancel, 95), C.pct(last, 95),
+                             errors])  # fmt: skip
         lines.append(C.table(
             "End of speech → first reply audio (silence_duration_ms 500) and voice barge-in latency (ms)",
             ["load", "turns", "EoS→audio p50", "EoS→audio p95", "EoS→stopped p50", "EoS→turn.started p50",
-             "barge-ins", "onset→cancelled p50", "onset→cancelled p95", "onset→last audio p95", "errors"],
+             "barge-ins", "reply over first", "onset→cancelled p50", "onset→cancelled p95",
+             "onset→last audio p95", "errors"],
             rows,
         ))  # fmt: skip
     finally:
