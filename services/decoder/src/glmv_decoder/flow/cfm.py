@@ -53,22 +53,40 @@ class ConditionalCFM(nn.Module):
     ) -> torch.Tensor:
         """mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T). Draws one (1, 80, T) normal tensor."""
         x = draw_noise(tuple(mu.shape), generator, mu) * temperature
+        return self.solve(x, mu, spks, cond, n_timesteps)
+
+    def solve(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        n_timesteps: int = 10,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Integrate from the noise x (B, 80, T). ``mask`` (B, 1, T): right padding of rows of different
+        lengths (each row then equals its unpadded solution up to float rounding); None: no padding."""
+        padded = mask is not None
+        if padded:
+            x = x * mask
         t_span = time_grid(n_timesteps, self.cfg.t_scheduler, mu.device)
         rate = self.cfg.inference_cfg_rate
         guided = rate > 0
         batched = guided and self.batch_guidance
         mu0, spks0, cond0 = torch.zeros_like(mu), torch.zeros_like(spks), torch.zeros_like(cond)
+        b = x.shape[0]
         if batched:
             mu_b, spks_b, cond_b = torch.cat([mu, mu0]), torch.cat([spks, spks0]), torch.cat([cond, cond0])
+            mask_b = None if mask is None else torch.cat([mask, mask])
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
             if batched:
-                v_both = self.estimator(torch.cat([x, x]), mu_b, t, spks_b, cond_b)
-                v = (1.0 + rate) * v_both[:1] - rate * v_both[1:]
+                v_both = self.estimator(torch.cat([x, x]), mu_b, t, spks_b, cond_b, mask_b, padded)
+                v = (1.0 + rate) * v_both[:b] - rate * v_both[b:]
             else:
-                v = self.estimator(x, mu, t, spks, cond)
+                v = self.estimator(x, mu, t, spks, cond, mask, padded)
                 if guided:
-                    v = (1.0 + rate) * v - rate * self.estimator(x, mu0, t, spks0, cond0)
+                    v = (1.0 + rate) * v - rate * self.estimator(x, mu0, t, spks0, cond0, mask, padded)
             x = x + dt * v
             t = t + dt
             if step < len(t_span) - 1:
