@@ -211,6 +211,15 @@ class DecoderStream:
     def pending_tokens(self) -> int:
         return len(self._pending)
 
+    def has_chunk(self, final: bool) -> bool:
+        """Whether ``plan_chunk(final)`` would decode something now."""
+        if self.finished:
+            return False
+        if final:
+            return bool(self._pending) or self._carry is not None
+        started = self._carry is not None
+        return bool(self._pending) and (started or len(self._pending) >= self.min_first_tokens)
+
     def push(self, tokens: Iterable[int]) -> np.ndarray:
         """Add speech tokens and decode them now as one chunk (unless the stream has not started and fewer
         than ``min_first_tokens`` are buffered). Returns this call's samples (possibly empty)."""
