@@ -202,3 +202,31 @@ def test_cli_schedule_last_chunk_is_final(decoder, tmp_path: Path) -> None:
     audio = synthesize(decoder, ids, [25, 50], seed=42, prompt_window_tokens=50)
     assert len(audio) == sum(len(r) for r in ref)
     assert np.array_equal(audio, np.concatenate(ref))
+
+
+@pytest.mark.slow
+def test_bucketed_and_compiled_estimator_equal_plain(tmp_path: Path) -> None:
+    """The GPU settings on CPU: frames padded to a bucket (masked) and the estimator through
+    torch.compile (the eager backend here, so no compiler is needed) change nothing beyond rounding."""
+    plain = load_decoder(write_dev_checkpoint(tmp_path / "dev", seed=2))
+    fast = load_decoder(tmp_path / "dev")
+    fast.flow.pad_frames_to = 32
+    fast.flow.decoder.compile_estimator("default", backend="eager")
+    chunks = [toks(17, 4)]  # one final chunk: tracing the estimator is the slow part
+    a = _unbatched(plain, 42, 50, chunks, True)
+    b = _unbatched(fast, 42, 50, chunks, True)
+    assert [len(x) for x in a] == [len(x) for x in b]
+    assert max(np.abs(x - y).max() for x, y in zip(a, b, strict=True)) <= PCM_TOL
+
+
+def test_half_precision_flow_keeps_vocoder_float32(tmp_path: Path) -> None:
+    d = write_dev_checkpoint(tmp_path / "dev", seed=2)
+    ref = load_decoder(d)
+    half = load_decoder(d, dtype="bfloat16")
+    assert half.flow.input_embedding.weight.dtype == torch.bfloat16
+    assert next(half.hift.parameters()).dtype == torch.float32
+    chunks = [toks(12, 5), toks(20, 6)]
+    a = np.concatenate(_unbatched(ref, 42, 50, chunks, True))
+    b = np.concatenate(_unbatched(half, 42, 50, chunks, True))
+    assert len(a) == len(b) and np.isfinite(b).all()
+    assert np.abs(b).max() > 0

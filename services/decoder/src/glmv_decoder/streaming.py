@@ -419,7 +419,7 @@ def run_chunks(decoder: _Decoder, plans: Sequence[ChunkPlan]) -> list[np.ndarray
     flowing = [p for p in plans if p.new is not None]
     mels: list[torch.Tensor] = []
     with torch.inference_mode():
-        if len(flowing) == 1:
+        if len(flowing) == 1 and not getattr(decoder.flow, "pad_frames_to", 0):
             p = flowing[0]
             mels = [decoder.flow.inference(
                 token=p.new, prompt_token=p.prompt_tokens, prompt_feat=p.prompt_mel,

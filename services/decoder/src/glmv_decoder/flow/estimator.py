@@ -50,14 +50,15 @@ def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -
     """GroupNorm of x (B, C, T) whose statistics ignore the frames where mask (B, 1, T) is 0."""
     b, c, t = x.shape
     g = norm.num_groups
-    xg = x.view(b, g, c // g, t)
     m = mask.view(b, 1, 1, t).to(x.dtype)
+    xg = x.view(b, g, c // g, t)
     count = m.sum(dim=(2, 3), keepdim=True) * (c // g)
     mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
-    var = (((xg - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / count
-    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(b, c, t)
+    centred = xg - mean
+    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count
+    y = (centred * torch.rsqrt(var + norm.eps)).view(b, c, t)
     if norm.affine:
-        y = y * norm.weight[None, :, None] + norm.bias[None, :, None]
+        y = torch.addcmul(norm.bias[None, :, None], y, norm.weight[None, :, None])
     return y
 
 

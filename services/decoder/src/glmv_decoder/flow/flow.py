@@ -54,6 +54,9 @@ class FlowModel(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = ConditionalCFM(cfg.decoder, batch_guidance)
         self.length_regulator = InterpolateRegulator(cfg.length_regulator)
+        #: >1: ``inference_batch`` pads the frame axis to a multiple of this (masked, so results do not
+        #: change beyond float rounding); used with a compiled estimator so that shapes repeat.
+        self.pad_frames_to = 0
         self.eval()
 
     def train(self, mode: bool = True) -> FlowModel:  # inference-only: always eval
@@ -168,16 +171,18 @@ class FlowModel(nn.Module):
                     raise InvalidRequest(f"flow: prompt_feat has {n_p} frames, more than the {fr} frames "
                                          "of prompt + new tokens")
             m_max = max(frames)
+            if self.pad_frames_to > 1:  # bucketed shapes, so compiled graphs are reused
+                m_max = -(-m_max // self.pad_frames_to) * self.pad_frames_to
             mu = torch.zeros(n, self.cfg.output_size, m_max, device=device, dtype=dtype)
             cond = torch.zeros_like(mu)
-            x = torch.zeros_like(mu)
+            x = torch.zeros(n, self.cfg.output_size, m_max, device=device)  # float32 noise
             mask = torch.zeros(n, 1, m_max, device=device, dtype=dtype)
             for i in range(n):
                 fr, n_p = frames[i], n_prompts[i]
                 mu[i, :, :fr] = self.length_regulator(h[i : i + 1, : len(seqs[i])], fr)[0].transpose(0, 1)
                 if n_p:
                     cond[i, :, :n_p] = prompt_feats[i][0].to(device=device, dtype=dtype).transpose(0, 1)
-                x[i, :, :fr] = draw_noise((1, self.cfg.output_size, fr), generators[i], mu)[0]
+                x[i, :, :fr] = draw_noise((1, self.cfg.output_size, fr), generators[i], x)[0]
                 mask[i, :, :fr] = 1
             mel = self.decoder.solve(x, mu, spks.expand(n, -1), cond, N_TIMESTEPS, mask)
             return [mel[i : i + 1, :, n_prompts[i] : frames[i]].float().contiguous() for i in range(n)]
