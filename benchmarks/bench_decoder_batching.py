@@ -14,7 +14,8 @@ modes run back to back, the order alternating between rounds, on the same tokens
 
 Figures per (N, mode): aggregate audio seconds produced per wall second; per-chunk latency (chunk ready
 → its audio back) p50/p95; time to first audio (stream start → first non-empty chunk) p50/p95; mean
-batch size. The ratio column is batched / unbatched aggregate throughput.
+batch size; worst stream RTF (the slowest stream's wall time / its audio duration: < 1 means every stream
+was decoded faster than real time). The ratio column is batched / unbatched aggregate throughput.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Names
     vocab = int(dec.config.flow.vocab_size)
     latencies: list[float] = []
     first_audio: list[float] = []
+    stream_rtf: list[float] = []
     samples = 0
 
     async def one(i: int, t_start: float) -> None:
@@ -70,6 +72,7 @@ async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Names
         try:
             chunks = chunks_of(args.tokens, args.schedule, vocab, seed=1000 + i)
             got_first = False
+            mine = 0
             for k, chunk in enumerate(chunks):
                 final = k == len(chunks) - 1
                 stream.accept(chunk)
@@ -80,9 +83,11 @@ async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Names
                 t1 = time.perf_counter()
                 latencies.append(t1 - t0)
                 samples += len(audio)
+                mine += len(audio)
                 if len(audio) and not got_first:
                     got_first = True
                     first_audio.append(t1 - t_start)
+            stream_rtf.append((time.perf_counter() - t_start) / (mine / RATE))
         finally:
             sched.unregister(stream)
 
@@ -101,6 +106,7 @@ async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Names
         "ttfa_p50": pct(first_audio, 50) * 1e3,
         "ttfa_p95": pct(first_audio, 95) * 1e3,
         "batch": statistics.mean(sched.batch_sizes) if sched.batch_sizes else float("nan"),
+        "worst_rtf": max(stream_rtf),
     }
 
 
@@ -117,6 +123,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--wait-ms", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=1, help="rounds per N (modes alternate their order)")
+    ap.add_argument("--compile", default="off", help="torch.compile the flow estimator: off, default, "
+                    "reduce-overhead (CUDA graphs), max-autotune; frames are then bucketed by 64")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds at N=2 before measuring")
     ap.add_argument("--out", type=Path, default=None,
@@ -128,6 +136,9 @@ def main() -> None:
     dec = build(args.size, args.model, args.device)
     if args.dtype != "float32":  # the flow only: the vocoder stays float32 (see the decoder README)
         dec.flow.to(getattr(torch, args.dtype))
+    if args.compile != "off":
+        dec.flow.decoder.compile_estimator(args.compile)
+        dec.flow.pad_frames_to = 64
     info = machine_info(args.device)
     print(info, f"torch threads {torch.get_num_threads()}", flush=True)
     for _ in range(args.warmup):
@@ -147,7 +158,8 @@ def main() -> None:
         rows.append((n, agg))
     load_end = os.getloadavg()[0]
     lines = [
-        f"# Decoder batching — {args.model or args.size}, device {args.device}, {args.dtype}",
+        f"# Decoder batching — {args.model or args.size}, device {args.device}, flow {args.dtype}, "
+        f"compile {args.compile}",
         "",
         f"{info}; load avg at end {load_end:.1f}; torch threads {torch.get_num_threads()}.",
         f"Per stream: {args.tokens} tokens ({args.tokens / 12.5:.1f} s of speech), schedule "
@@ -156,8 +168,8 @@ def main() -> None:
         "Command: `python benchmarks/bench_decoder_batching.py " + " ".join(sys.argv[1:]) + "`",
         "",
         "| streams | mode | audio s / wall s | ratio | chunk p50 ms | chunk p95 ms | TTFA p50 ms "
-        "| TTFA p95 ms | mean batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| TTFA p95 ms | mean batch | worst stream RTF |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, agg in rows:
         base = agg[False]["throughput"]
@@ -166,7 +178,7 @@ def main() -> None:
             lines.append(
                 f"| {n} | {'batched' if b else 'unbatched'} | {a['throughput']:.2f} | "
                 f"{a['throughput'] / base:.2f}× | {a['lat_p50']:.0f} | {a['lat_p95']:.0f} | "
-                f"{a['ttfa_p50']:.0f} | {a['ttfa_p95']:.0f} | {a['batch']:.1f} |"
+                f"{a['ttfa_p50']:.0f} | {a['ttfa_p95']:.0f} | {a['batch']:.1f} | {a['worst_rtf']:.2f} |"
             )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -101,6 +101,16 @@ class DecoderSettings(ServiceSettings):
     batch_wait_ms: float = Field(
         5.0, ge=0, description="Longest wait for other open streams to join a batch that is not full; a "
                                "lone stream never waits.",
+    )
+    hift_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Vocoder dtype; float32 whatever DTYPE (the flow's) is, unless set here.",
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the flow estimator (reduce-overhead = CUDA graphs); GPU only.",
+    )
+    frame_bucket: int = Field(
+        0, ge=0, description="Pad the flow's frame axis to a multiple of this (masked) so compiled shapes "
+                             "repeat; 0 = 64 when COMPILE is on, else no padding.",
     )
     finish_grace_s: float = Field(
         0.05, ge=0, description="After Finish, how long to watch for stray messages before the final reply."
@@ -300,7 +310,11 @@ class DecoderService:
             )
         from .checkpoint import load_decoder
 
-        self._decoder = load_decoder(s.model_dir, s.device, s.dtype)
+        self._decoder = load_decoder(s.model_dir, s.device, s.dtype, hift_dtype=s.hift_dtype)
+        if s.compile != "off":
+            self._decoder.flow.decoder.compile_estimator(s.compile)
+        bucket = s.frame_bucket or (64 if s.compile != "off" else 0)
+        self._decoder.flow.pad_frames_to = bucket
         log.info("decoder loaded", extra=kv(model_id=self._decoder.model_id,
                                             fingerprint=self._decoder.fingerprint))
 

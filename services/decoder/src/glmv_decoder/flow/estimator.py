@@ -50,13 +50,14 @@ def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -
     """GroupNorm of x (B, C, T) whose statistics ignore the frames where mask (B, 1, T) is 0."""
     b, c, t = x.shape
     g = norm.num_groups
-    m = mask.view(b, 1, 1, t).to(x.dtype)
-    xg = x.view(b, g, c // g, t)
+    out_dtype = x.dtype
+    m = mask.view(b, 1, 1, t).float()
+    xg = x.float().view(b, g, c // g, t)  # statistics in float32, as GroupNorm's kernels accumulate
     count = m.sum(dim=(2, 3), keepdim=True) * (c // g)
     mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
     centred = xg - mean
     var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count
-    y = (centred * torch.rsqrt(var + norm.eps)).view(b, c, t)
+    y = (centred * torch.rsqrt(var + norm.eps)).view(b, c, t).to(out_dtype)
     if norm.affine:
         y = torch.addcmul(norm.bias[None, :, None], y, norm.weight[None, :, None])
     return y
