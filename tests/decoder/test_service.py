@@ -201,7 +201,9 @@ async def test_concurrent_streams_do_not_interfere(decoder) -> None:
         for (seed, chunks), responses in zip(plans, results, strict=True):
             audio = check_sequence(responses, 22050)
             expected = local_stream(decoder, [*chunks, []], seed=seed)
-            assert np.abs(audio - expected).max() <= 1 / 32768 + 1e-6
+            assert len(audio) == len(expected)
+            # Concurrent streams may share batched steps: equal to the unbatched decoding within 2e-3.
+            assert np.abs(audio - expected).max() <= 2e-3
         assert service.open_streams == 0
     finally:
         await srv.close()
