@@ -12,7 +12,8 @@ fixed. For every chunk of new speech tokens:
 3. the vocoder (HiFT) gets the new frames preceded by the last frame it saw, with the last 256 NSF source
    samples of the previous call (``cache_source``), so the re-synthesised frame continues the excitation;
    the last frame's 256 samples are withheld and re-synthesised by the next call;
-4. ``finish`` vocodes everything that is still withheld.
+4. ``finish`` decodes its tokens (if any) with anything pending as the final chunk, nothing withheld, in one
+   flow + one vocoder call; without tokens it vocodes what is still withheld.
 
 Fixes relative to the reference (each also described in services/decoder/README.md):
 
@@ -163,7 +164,13 @@ class DecoderStream:
     """One utterance: ``push`` token chunks as they arrive, ``finish`` once; audio comes back per call.
 
     Output is float32 mono at the model rate (22050 Hz). The client decides the chunk sizes; each
-    ``push`` that can be decoded runs one flow + one vocoder call and returns that chunk's audio.
+    ``push`` that can be decoded runs one flow + one vocoder call and returns that chunk's audio;
+    ``finish(tokens)`` decodes the last tokens with everything pending/withheld as the final chunk.
+
+    The object is plain per-stream state (pending tokens, history, carry, generator) with three steps
+    that ``push``/``finish`` chain for one stream and that ``run_chunks`` (and the service's scheduler)
+    drives for several streams at once: ``plan_chunk`` → model calls → ``vocoder_input`` → vocoder →
+    ``finish_chunk``.
     Concatenating every returned array gives ``256 · feat_len(total tokens)`` samples, exactly the length
     of ``one_shot`` on the same tokens.
 
