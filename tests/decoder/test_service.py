@@ -249,6 +249,26 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLMV_DECODER_DEFAULT_SEED", "9")
     s = DecoderSettings()
     assert (s.prompt_window_tokens, s.max_stream_tokens, s.default_seed, s.port) == (0, 123, 9, 50053)
+    assert (s.batch_max_streams, s.batch_wait_ms, s.hift_dtype, s.compile) == (16, 5.0, "float32", "off")
+    monkeypatch.setenv("GLMV_DECODER_BATCH_MAX_STREAMS", "4")
+    monkeypatch.setenv("GLMV_DECODER_BATCH_WAIT_MS", "0")
+    monkeypatch.setenv("GLMV_DECODER_COMPILE", "reduce-overhead")
+    s = DecoderSettings()
+    assert (s.batch_max_streams, s.batch_wait_ms, s.compile) == (4, 0.0, "reduce-overhead")
+    monkeypatch.setenv("GLMV_DECODER_BATCH_MAX_STREAMS", "0")
+    with pytest.raises(ValueError):
+        DecoderSettings()
+
+
+def test_load_applies_precision_and_compile_settings(model_dir: Path) -> None:
+    import torch
+
+    service = DecoderService(settings(model_dir=model_dir, dtype="bfloat16", compile="default"))
+    service.load()
+    d = service.decoder
+    assert d.flow.input_embedding.weight.dtype == torch.bfloat16
+    assert next(d.hift.parameters()).dtype == torch.float32  # the vocoder stays float32
+    assert d.flow.decoder._compiled is not None and d.flow.pad_frames_to == 64
 
 
 async def test_missing_model_dir_fails_load(tmp_path: Path) -> None:
