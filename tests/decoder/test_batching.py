@@ -65,6 +65,25 @@ def test_hift_batch_equals_rows(decoder) -> None:
             assert torch.equal(qb[..., :SOURCE_CACHE], cache)
 
 
+def test_rows_of_one_length_take_the_unmasked_path(decoder) -> None:
+    """Streams in step (same chunk and prompt sizes) are batched without masks; still equal per row."""
+    gen = torch.Generator().manual_seed(5)
+    rows = [(torch.randint(0, 64, (1, 25), generator=gen), torch.randint(0, 64, (1, 20), generator=gen),
+             torch.randn(1, feat_len(20) - MEL_OVERLAP, 80, generator=gen) - 4) for _ in range(3)]
+    single = [decoder.flow.inference(t, p, f, torch.zeros(1, 192), torch.Generator().manual_seed(i))
+              for i, (t, p, f) in enumerate(rows)]
+    batched = decoder.flow.inference_batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                           [torch.Generator().manual_seed(i) for i in range(3)])
+    for a, b in zip(single, batched, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= MEL_TOL
+    mels = [torch.randn(1, 80, 40, generator=gen) - 4 for _ in range(3)]
+    one = [decoder.hift.inference(m, None, torch.Generator().manual_seed(i)) for i, m in enumerate(mels)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    many = decoder.hift.inference_batch(mels, [None] * 3, gens)
+    for (sa, _), (sb, _) in zip(one, many, strict=True):
+        assert sa.shape == sb.shape and (sa - sb).abs().max().item() <= PCM_TOL
+
+
 # (seed, window, schedule, total tokens, finish with the last chunk's tokens?)
 STREAMS = [
     (42, 50, [10, 25, 50], 85, True),

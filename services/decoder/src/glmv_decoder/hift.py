@@ -110,6 +110,10 @@ class HiFTConfig:
         return math.prod(self.upsample_rates) * self.hop_len
 
 
+def _mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
 class WNConv1d(nn.Module):
     """Conv1d / ConvTranspose1d with weight normalisation stored as the legacy ``weight_g``/``weight_v`` pair.
 
@@ -411,7 +415,11 @@ class HiFTGenerator(nn.Module):
         for i, m in enumerate(mels):
             mel[i, :, : lens[i]] = m[0].to(device=dev, dtype=dtype)
 
-        def mask_of(scale: int, extra: int = 0) -> torch.Tensor:
+        padded = min(lens) < t_max  # rows of one length (streams in step) need no masking
+
+        def mask_of(scale: int, extra: int = 0) -> torch.Tensor | None:
+            if not padded:
+                return None
             width = t_max * scale + extra
             idx = torch.arange(width, device=dev)[None, None, :]
             real = torch.tensor([t * scale + extra for t in lens], device=dev)[:, None, None]
@@ -438,7 +446,7 @@ class HiFTGenerator(nn.Module):
         for i, st in enumerate(stfts):
             s_stft[i, :, : st.shape[1]] = st
 
-        x = self.conv_pre(mel) * mask_of(1)
+        x = _mask(self.conv_pre(mel), mask_of(1))
         n_stages, n_k = len(self.ups), len(cfg.resblock_kernel_sizes)
         scale = 1
         for i in range(n_stages):
@@ -450,8 +458,8 @@ class HiFTGenerator(nn.Module):
                 x = F.pad(x, (1, 0), mode="reflect")
                 extra = 1
             m = mask_of(scale, extra)
-            x = x * m
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft) * m, m)
+            x = _mask(x, m)
+            x = x + self.source_resblocks[i](_mask(self.source_downs[i](s_stft), m), m)
             xs = self.resblocks[i * n_k](x, m)
             for j in range(1, n_k):
                 xs = xs + self.resblocks[i * n_k + j](x, m)

@@ -85,6 +85,9 @@ class ConditionalCFM(nn.Module):
         padded = mask is not None
         if padded:
             x = x * mask
+        # Two or more rows always run both guidance branches as one batch of 2B rows (padded or not):
+        # the batched path is not bit-exact anyway, and halving the estimator calls is most of its gain.
+        batched_rows = x.shape[0] > 1
         # The Euler state stays float32 whatever the estimator's dtype (a no-op for float32 models): with
         # bfloat16/float16 weights only the velocity is computed in half precision.
         x = x.float()
@@ -96,9 +99,7 @@ class ConditionalCFM(nn.Module):
         t_span = time_grid(n_timesteps, self.cfg.t_scheduler, mu.device)
         rate = self.cfg.inference_cfg_rate
         guided = rate > 0
-        # Rows of a padded batch always run both guidance branches as one batch (2B rows): the batched
-        # path is not bit-exact anyway, and halving the estimator calls is most of its gain on a CPU.
-        batched = guided and (self.batch_guidance or padded)
+        batched = guided and (self.batch_guidance or batched_rows)
         mu0, spks0, cond0 = torch.zeros_like(mu), torch.zeros_like(spks), torch.zeros_like(cond)
         b = x.shape[0]
         if batched:

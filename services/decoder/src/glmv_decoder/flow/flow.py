@@ -163,7 +163,9 @@ class FlowModel(nn.Module):
                     for p, t in zip(prompt_tokens, tokens, strict=True)]
             lengths = torch.tensor([len(q) for q in seqs], device=device)
             padded_tokens = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-            h = self.encoder_proj(self.encoder(self.input_embedding(padded_tokens), lengths))
+            same_tokens = len({len(q) for q in seqs}) == 1  # no padding: no key mask needed
+            h = self.encoder_proj(self.encoder(self.input_embedding(padded_tokens),
+                                               None if same_tokens else lengths))
             frames = [self.mel_frames(len(q)) for q in seqs]
             n_prompts = [f.shape[1] for f in prompt_feats]
             for fr, n_p in zip(frames, n_prompts, strict=True):
@@ -184,5 +186,8 @@ class FlowModel(nn.Module):
                     cond[i, :, :n_p] = prompt_feats[i][0].to(device=device, dtype=dtype).transpose(0, 1)
                 x[i, :, :fr] = draw_noise((1, self.cfg.output_size, fr), generators[i], x)[0]
                 mask[i, :, :fr] = 1
-            mel = self.decoder.solve(x, mu, spks.expand(n, -1), cond, N_TIMESTEPS, mask)
+            # Rows of one length (streams in step) need no mask: the plain kernels are cheaper.
+            padded = min(frames) < m_max
+            mel = self.decoder.solve(x, mu, spks.expand(n, -1).contiguous(), cond, N_TIMESTEPS,
+                                     mask if padded else None)
             return [mel[i : i + 1, :, n_prompts[i] : frames[i]].float().contiguous() for i in range(n)]
