@@ -57,8 +57,12 @@ def chunks_of(n: int, schedule: list[int], vocab: int, seed: int) -> list[list[i
     return out
 
 
+# One model thread for the whole run, as in the service (CUDA graphs are recorded per thread).
+EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="bench-decoder")
+
+
 async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Namespace) -> dict[str, float]:
-    executor = ThreadPoolExecutor(1, thread_name_prefix="bench-decoder")
+    executor = EXECUTOR
     sched = ChunkScheduler(dec, executor, max_batch=args.max_batch if batched else 1,
                            max_wait_s=args.wait_ms / 1e3)
     vocab = int(dec.config.flow.vocab_size)
@@ -99,7 +103,6 @@ async def run_mode(dec: Any, n_streams: int, batched: bool, args: argparse.Names
     wall = time.perf_counter() - t_start
     cpu = time.process_time() - cpu_start
     await sched.aclose()
-    executor.shutdown(wait=True)
     audio_s = samples / RATE
     return {
         "audio_s": audio_s,
