@@ -13,8 +13,10 @@ Both sides load the same directory (config.yaml, flow.pt, hift.pt). The referenc
 reseeds the global RNG with 42 inside every flow call and HiFT continues from that RNG; our side passes a
 ``torch.Generator`` seeded with 42 to the flow and then to HiFT.
 
-Reported: flow mel max |Δ| (with and without prompt), one-shot PCM max |Δ| + sample counts, and the first
-two streamed chunks (25 then 50 tokens, web_demo schedule) PCM max |Δ| + sample counts.
+Reported: flow mel max |Δ| (with and without prompt), one-shot PCM max |Δ| + sample counts, the first
+two streamed chunks (25 then 50 tokens, web_demo schedule) PCM max |Δ| + sample counts, the same with the
+second chunk final (``finalize=True`` vs ``DecoderStream.finish(tokens)``), and both cases decoded as rows
+of one batched flow + vocoder call (``run_chunks``).
 """
 
 from __future__ import annotations
@@ -161,6 +163,36 @@ def main() -> int:
         d = max_abs(r, o)
         ok &= d <= PCM_TOL and r.shape == o.shape
         print(f"stream chunk {i}: samples ref={r.shape[-1]} ours={o.shape[-1]} max|Δ|={d:.3e}")
+
+    # 5. the same two chunks with the second one final (the reference demo's last chunk; our Finish with
+    #    tokens / CLI --schedule), unbatched and batched together with a second stream (run_chunks).
+    from glmv_decoder.streaming import run_chunks
+
+    sid = str(uuid.uuid4())
+    with torch.inference_mode():
+        f0, fm0 = ref.token2wav(tok[:, :25], uuid=sid, prompt_token=torch.zeros(1, 0, dtype=torch.int32),
+                                prompt_feat=torch.zeros(1, 0, 80), finalize=False)
+        f1, _ = ref.token2wav(tok[:, 25:75], uuid=sid, prompt_token=tok[:, :25],
+                              prompt_feat=fm0.transpose(1, 2), finalize=True)
+    stream = DecoderStream(ours, seed=42, prompt_window_tokens=0)
+    g0 = torch.from_numpy(stream.push(tok[0, :25].tolist())).reshape(1, -1)
+    g1 = torch.from_numpy(stream.finish(tok[0, 25:75].tolist())).reshape(1, -1)
+    a = DecoderStream(ours, seed=42, prompt_window_tokens=0)
+    b = DecoderStream(ours, seed=42, prompt_window_tokens=0)
+    a.accept(tok[0, :25].tolist())
+    b.accept(tok[0, :25].tolist())
+    ba0, bb0 = run_chunks(ours, [a.plan_chunk(False), b.plan_chunk(False)])
+    a.accept(tok[0, 25:75].tolist())
+    b.accept(tok[0, 25:75].tolist())
+    ba1, bb1 = run_chunks(ours, [a.plan_chunk(False), b.plan_chunk(True)])
+    cases = (("final chunk 0", f0, g0), ("final chunk 1 (final)", f1, g1),
+             ("batched chunk 0", r0, ba0), ("batched chunk 1", r1, ba1),
+             ("batched final chunk 0", f0, bb0), ("batched final chunk 1 (final)", f1, bb1))
+    for name, r, o in cases:
+        o = torch.as_tensor(o).reshape(1, -1)
+        d = max_abs(r, o)
+        ok &= d <= PCM_TOL and r.shape == o.shape
+        print(f"{name}: samples ref={r.shape[-1]} ours={o.shape[-1]} max|Δ|={d:.3e}")
     print("PARITY OK" if ok else "PARITY FAILED")
     return 0 if ok else 1
 

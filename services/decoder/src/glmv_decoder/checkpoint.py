@@ -130,8 +130,13 @@ def load_decoder(
     dtype: str | torch.dtype = "float32",
     load_hift: bool = True,
     batch_guidance: bool = False,
+    hift_dtype: str | torch.dtype = "float32",
 ) -> LoadedDecoder:
-    """Load ``config.yaml`` + ``flow.pt`` (+ ``hift.pt``) from ``model_dir`` onto ``device`` in ``dtype``.
+    """Load ``config.yaml`` + ``flow.pt`` (+ ``hift.pt``) from ``model_dir`` onto ``device``: the flow in
+    ``dtype``, the vocoder in ``hift_dtype`` (float32 by default whatever ``dtype`` is: its NSF source
+    integrates phase over thousands of samples and its iSTFT magnitudes go through exp(), both of which
+    half precision audibly degrades, while it costs a small part of a chunk next to the flow's 20
+    estimator passes).
 
     ``batch_guidance``: run the two classifier-free-guidance branches of the flow as one batch of two
     (faster on GPUs; ~1e-6 off the reference) instead of two batch-1 passes (bit-exact with the reference).
@@ -164,7 +169,7 @@ def load_decoder(
         built = HiFTGenerator(cfg.hift)
         check_state_dict(built, hift_state, hift_path)
         built.load_state_dict(hift_state, strict=True)
-        hift = built.to(device=torch_device, dtype=torch_dtype).eval()
+        hift = built.to(device=torch_device, dtype=resolve_dtype(hift_dtype)).eval()
         files.append(hift_path)
     return LoadedDecoder(
         config=cfg,

@@ -48,19 +48,23 @@ def _schedule(text: str | None) -> list[int] | None:
 def synthesize(
     decoder: object, tokens: list[int], schedule: list[int] | None, seed: int, prompt_window_tokens: int
 ) -> np.ndarray:
-    """Decode ``tokens`` one-shot, or stream them in chunks of ``schedule`` (the last size repeats)."""
+    """Decode ``tokens`` one-shot, or stream them in chunks of ``schedule`` (the last size repeats; the
+    last chunk is the final one)."""
     from .streaming import DecoderStream, one_shot
 
     if schedule is None:
         return one_shot(decoder, tokens, seed=seed)  # type: ignore[arg-type]
     stream = DecoderStream(decoder, seed=seed, prompt_window_tokens=prompt_window_tokens)  # type: ignore[arg-type]
-    parts, i, k = [], 0, 0
+    chunks, i, k = [], 0, 0
     while i < len(tokens):
         size = schedule[min(k, len(schedule) - 1)]
         k += 1
-        parts.append(stream.push(tokens[i : i + size]))
+        chunks.append(tokens[i : i + size])
         i += size
-    parts.append(stream.finish())
+    # The last chunk is decoded as the final one (nothing withheld), in one flow + one vocoder call, as the
+    # reference does for its last chunk; the service does the same with the tokens sent in Finish.
+    parts = [stream.push(c) for c in chunks[:-1]]
+    parts.append(stream.finish(chunks[-1] if chunks else []))
     return np.concatenate(parts)
 
 

@@ -110,6 +110,10 @@ class HiFTConfig:
         return math.prod(self.upsample_rates) * self.hop_len
 
 
+def _mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
 class WNConv1d(nn.Module):
     """Conv1d / ConvTranspose1d with weight normalisation stored as the legacy ``weight_g``/``weight_v`` pair.
 
@@ -175,10 +179,12 @@ class ResBlock(nn.Module):
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (B, 1, T): right padding, kept at zero after every conv (x must be zero there)."""
         layers = zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True)
         for c1, c2, a1, a2 in layers:
-            x = x + c2(a2(c1(a1(x))))
+            h = c1(a1(x)) if mask is None else c1(a1(x)) * mask
+            x = x + (c2(a2(h)) if mask is None else c2(a2(h)) * mask)
         return x
 
 
@@ -195,9 +201,16 @@ class F0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cfg.cond_channels, cfg.num_class)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        h = self.condnet(mel).transpose(1, 2)
-        return self.classifier(h).squeeze(-1).abs()
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            h = self.condnet(mel)
+        else:  # right-padded batch: padded frames are zeroed after every conv, as the unpadded zero padding
+            h = mel * mask
+            for layer in self.condnet:
+                h = layer(h)
+                if isinstance(layer, nn.ELU):
+                    h = h * mask
+        return self.classifier(h.transpose(1, 2)).squeeze(-1).abs()
 
 
 class SourceModule(nn.Module):
@@ -369,3 +382,95 @@ class HiFTGenerator(nn.Module):
             s[:, :, :n] = cache_source.to(device=s.device, dtype=s.dtype)
         speech = self.decode(mel, s)
         return speech.float(), s.float()
+
+    @torch.inference_mode()
+    def inference_batch(
+        self,
+        mels: list[torch.Tensor],
+        cache_sources: list[torch.Tensor | None],
+        generators: list[torch.Generator],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``inference`` for several streams in one batched call; row i equals
+        ``inference(mels[i], cache_sources[i], generators[i])`` up to float rounding.
+
+        Rows of different lengths are right-padded; padded positions are zeroed after every convolution so
+        each row sees the zero padding its unpadded call sees. The NSF source (random draws from each
+        row's own generator, in the unbatched order and shapes), the source STFT and the output iSTFT (both
+        centred with reflect padding at each row's own end) run per row; the convolutional trunk runs
+        batched.
+        """
+        n = len(mels)
+        if not n or not len(cache_sources) == len(generators) == n:
+            raise ValueError("hift: inference_batch needs one cache_source and generator per mel")
+        param = self.conv_pre.weight_v
+        dev, dtype = param.device, param.dtype
+        cfg = self.cfg
+        for mel in mels:
+            if mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != cfg.in_channels or not mel.shape[2]:
+                raise ValueError(f"hift: mel must be (1, {cfg.in_channels}, T>0), got {tuple(mel.shape)}")
+        spf = cfg.samples_per_frame
+        lens = [int(m.shape[2]) for m in mels]
+        t_max = max(lens)
+        mel = torch.zeros(n, cfg.in_channels, t_max, device=dev, dtype=dtype)
+        for i, m in enumerate(mels):
+            mel[i, :, : lens[i]] = m[0].to(device=dev, dtype=dtype)
+
+        padded = min(lens) < t_max  # rows of one length (streams in step) need no masking
+
+        def mask_of(scale: int, extra: int = 0) -> torch.Tensor | None:
+            if not padded:
+                return None
+            width = t_max * scale + extra
+            idx = torch.arange(width, device=dev)[None, None, :]
+            real = torch.tensor([t * scale + extra for t in lens], device=dev)[:, None, None]
+            return (idx < real).to(dtype)
+
+        f0 = self.f0_predictor(mel, mask_of(1))  # (B, T)
+        sources, stfts = [], []
+        for i in range(n):
+            f0_i = f0[i : i + 1, None, : lens[i]].float().repeat_interleave(spf, dim=-1)
+            s = self.m_source(f0_i, generators[i])
+            cs = cache_sources[i]
+            if cs is not None and cs.shape[-1] > 0:
+                k = cs.shape[-1]
+                if k > s.shape[-1]:
+                    raise ValueError(f"hift: cache_source ({k} samples) longer than the source "
+                                     f"({s.shape[-1]})")
+                s = s.clone()
+                s[:, :, :k] = cs.to(device=s.device, dtype=s.dtype)
+            sources.append(s)
+            stfts.append(self._stft(s.squeeze(1).float()).to(dtype)[0])
+        frames_extra = 1  # the centred STFT of 256·T samples has 64·T + 1 frames (hop 4)
+        s_stft = torch.zeros(n, stfts[0].shape[0], t_max * spf // cfg.hop_len + frames_extra, device=dev,
+                             dtype=dtype)
+        for i, st in enumerate(stfts):
+            s_stft[i, :, : st.shape[1]] = st
+
+        x = _mask(self.conv_pre(mel), mask_of(1))
+        n_stages, n_k = len(self.ups), len(cfg.resblock_kernel_sizes)
+        scale = 1
+        for i in range(n_stages):
+            x = F.leaky_relu(x, cfg.lrelu_slope)
+            x = self.ups[i](x)
+            scale *= cfg.upsample_rates[i]
+            extra = 0
+            if i == n_stages - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+                extra = 1
+            m = mask_of(scale, extra)
+            x = _mask(x, m)
+            x = x + self.source_resblocks[i](_mask(self.source_downs[i](s_stft), m), m)
+            xs = self.resblocks[i * n_k](x, m)
+            for j in range(1, n_k):
+                xs = xs + self.resblocks[i * n_k + j](x, m)
+            x = xs / n_k
+        x = F.leaky_relu(x)
+        x = self.conv_post(x).float()
+        half = cfg.n_fft // 2 + 1
+        out = []
+        for i in range(n):
+            xi = x[i : i + 1, :, : lens[i] * scale + 1]
+            y = self._istft(torch.exp(xi[:, :half, :]), torch.sin(xi[:, half:, :]))
+            speech = torch.clamp(y, -cfg.audio_limit, cfg.audio_limit)
+            out.append((speech.float(), sources[i].float()))
+        return out

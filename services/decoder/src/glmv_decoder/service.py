@@ -6,9 +6,10 @@ chunk schedule) and answered with the chunk's audio, resampled to the requested 
 resampler (so the concatenated chunks equal resampling the whole utterance at once) and encoded. The last
 response carries ``final=True``; the stream then ends.
 
-Model work never runs on the event loop: every push/finish runs in a small thread pool
-(``model_workers`` threads, FIFO, so concurrent streams progress chunk by chunk). A stream's state lives in
-its handler only and is released on finish, error or cancellation.
+Model work never runs on the event loop: the chunks that are ready in concurrent streams are collected by
+a ``ChunkScheduler`` and decoded together (one batched flow call and one batched vocoder call per step)
+in a small thread pool (``model_workers`` threads). A stream's state lives in its handler only and is
+released on finish, error or cancellation.
 
 Status codes: bad token id, stream over ``max_stream_tokens``, bad sample rate/encoding/window →
 INVALID_ARGUMENT; Tokens/Finish before Start, a second Start, anything after Finish → FAILED_PRECONDITION.
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -35,6 +36,7 @@ from glmv_common.logs import get_logger, kv, log_context
 from glmv_common.settings import ServiceSettings, model_version
 from glmvoice.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
+from .scheduler import ChunkScheduler
 from .streaming import DEFAULT_PROMPT_WINDOW_TOKENS, DEFAULT_SEED, ChunkTiming, DecoderStream
 
 log = get_logger(__name__)
@@ -89,7 +91,27 @@ class DecoderSettings(ServiceSettings):
     default_seed: int = Field(
         DEFAULT_SEED, ge=0, lt=2**64, description="Flow noise seed when Start has none."
     )
-    model_workers: int = Field(1, ge=1, description="Threads running model calls (streams share them FIFO).")
+    model_workers: int = Field(
+        1, ge=1, description="Threads running batched model steps (batches run one per thread)."
+    )
+    batch_max_streams: int = Field(
+        16, ge=1, description="Most streams whose ready chunks are decoded in one batched flow + vocoder "
+                              "step; 1 = every chunk on its own (unbatched).",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="Longest wait for other open streams to join a batch that is not full; a "
+                               "lone stream never waits.",
+    )
+    hift_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Vocoder dtype; float32 whatever DTYPE (the flow's) is, unless set here.",
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the flow estimator (reduce-overhead = CUDA graphs); GPU only.",
+    )
+    frame_bucket: int = Field(
+        0, ge=0, description="Pad the flow's frame axis to a multiple of this (masked) so compiled shapes "
+                             "repeat; 0 = 64 when COMPILE is on, else no padding.",
+    )
     finish_grace_s: float = Field(
         0.05, ge=0, description="After Finish, how long to watch for stray messages before the final reply."
     )
@@ -117,7 +139,6 @@ class _StreamJob:
         self.model_seconds = 0.0
         self.first_tokens_at: float | None = None
         self.first_audio_sent = False
-        self.inflight: Future[Any] | None = None
 
     def response(
         self, native: np.ndarray, final: bool, timings: list[ChunkTiming]
@@ -179,8 +200,11 @@ class DecoderServicer(decoder_pb2_grpc.SpeechDecoderServicer):
                 if kind == "tokens":
                     if job.first_tokens_at is None:
                         job.first_tokens_at = time.perf_counter()
+                    job.stream.accept(message.tokens.tokens)
+                    if not job.stream.has_chunk(final=False):
+                        continue
                     n_before = len(job.stream.timings)
-                    audio = await svc.run(job, job.stream.push, list(message.tokens.tokens))
+                    audio = await svc.scheduler.submit(job.stream, final=False)
                     new_timings = job.stream.timings[n_before:]
                     svc.account(job, new_timings)
                     if len(audio):
@@ -192,8 +216,17 @@ class DecoderServicer(decoder_pb2_grpc.SpeechDecoderServicer):
                             yield response
                     continue
                 if kind == "finish":
+                    # Finish's tokens (may be none) and anything pending form the final chunk: one flow +
+                    # one vocoder call with nothing withheld, as the reference decodes its last chunk.
+                    if job.first_tokens_at is None and message.finish.tokens:
+                        job.first_tokens_at = time.perf_counter()
+                    job.stream.accept(message.finish.tokens)
                     n_before = len(job.stream.timings)
-                    audio = await svc.run(job, job.stream.finish, list(message.finish.tokens))
+                    if job.stream.has_chunk(final=True):
+                        audio = await svc.scheduler.submit(job.stream, final=True)
+                    else:
+                        audio = np.zeros(0, np.float32)
+                    job.stream.close()
                     new_timings = job.stream.timings[n_before:]
                     svc.account(job, new_timings)
                     await self._reject_after_finish(queue)
@@ -244,6 +277,17 @@ class DecoderService:
         self._decoder = decoder
         self._executor = ThreadPoolExecutor(self.settings.model_workers, thread_name_prefix="glmv-decoder")
         self.open_streams = 0  # streams holding state right now (tests check it returns to 0)
+        self._scheduler: ChunkScheduler | None = None
+
+    @property
+    def scheduler(self) -> ChunkScheduler:
+        if self._scheduler is None:
+            s = self.settings
+            self._scheduler = ChunkScheduler(
+                self.decoder, self._executor, max_batch=s.batch_max_streams,
+                max_wait_s=s.batch_wait_ms / 1e3, workers=s.model_workers,
+            )
+        return self._scheduler
 
     @property
     def decoder(self) -> Any:
@@ -266,11 +310,17 @@ class DecoderService:
             )
         from .checkpoint import load_decoder
 
-        self._decoder = load_decoder(s.model_dir, s.device, s.dtype)
+        self._decoder = load_decoder(s.model_dir, s.device, s.dtype, hift_dtype=s.hift_dtype)
+        if s.compile != "off":
+            self._decoder.flow.decoder.compile_estimator(s.compile)
+        bucket = s.frame_bucket or (64 if s.compile != "off" else 0)
+        self._decoder.flow.pad_frames_to = bucket
         log.info("decoder loaded", extra=kv(model_id=self._decoder.model_id,
                                             fingerprint=self._decoder.fingerprint))
 
     async def aclose(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- streams ----------------------------------------------------------------------------------------
@@ -289,15 +339,10 @@ class DecoderService:
         stream = DecoderStream(self.decoder, seed=seed, prompt_window_tokens=window,
                                max_tokens=self.settings.max_stream_tokens)
         self.open_streams += 1
+        self.scheduler.register()
         with log_context(request_id=start.request_id or None, session_id=start.session_id or None):
             log.info("stream start", extra=kv(rate=rate, encoding=encoding.name, seed=seed, window=window))
         return _StreamJob(stream, rate, encoding)
-
-    async def run(self, job: _StreamJob, fn: Callable[..., T], *args: Any) -> T:
-        """Run a model call for ``job`` in the worker pool; never on the event loop."""
-        future = self._executor.submit(fn, *args)
-        job.inflight = future
-        return await asyncio.wrap_future(future)
 
     def account(self, job: _StreamJob, timings: list[ChunkTiming]) -> None:
         for t in timings:
@@ -314,13 +359,8 @@ class DecoderService:
             STREAM_RTF.observe(job.model_seconds / audio_s)
 
     def release(self, job: _StreamJob) -> None:
-        """Free the stream's tensors now, or as soon as its in-flight model call returns."""
-        if job.stream.finished and not job.stream.holds_state:
-            pass
-        elif job.inflight is not None and not job.inflight.done():
-            job.inflight.add_done_callback(lambda _f: job.stream.close())
-        else:
-            job.stream.close()
+        """Free the stream's tensors now, or as soon as its in-flight model step returns."""
+        self.scheduler.unregister(job.stream)
         self.open_streams -= 1
 
     def info(self) -> common_pb2.ModelInfo:
@@ -339,6 +379,7 @@ class DecoderService:
             extra={
                 "prompt_window_tokens": str(self.settings.prompt_window_tokens),
                 "max_stream_tokens": str(self.settings.max_stream_tokens),
+                "batch_max_streams": str(self.settings.batch_max_streams),
                 "output_sample_rates": ",".join(str(r) for r in OUTPUT_RATES),
             },
         )

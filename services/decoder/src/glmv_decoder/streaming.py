@@ -12,7 +12,8 @@ fixed. For every chunk of new speech tokens:
 3. the vocoder (HiFT) gets the new frames preceded by the last frame it saw, with the last 256 NSF source
    samples of the previous call (``cache_source``), so the re-synthesised frame continues the excitation;
    the last frame's 256 samples are withheld and re-synthesised by the next call;
-4. ``finish`` vocodes everything that is still withheld.
+4. ``finish`` decodes its tokens (if any) with anything pending as the final chunk, nothing withheld, in one
+   flow + one vocoder call; without tokens it vocodes what is still withheld.
 
 Fixes relative to the reference (each also described in services/decoder/README.md):
 
@@ -63,10 +64,12 @@ __all__ = [
     "MEL_CACHE",
     "MEL_OVERLAP",
     "SOURCE_CACHE",
+    "ChunkPlan",
     "ChunkTiming",
     "DecoderStream",
     "feat_len",
     "one_shot",
+    "run_chunks",
 ]
 
 #: Default conditioning window (tokens, ≈ 4 s of speech). Bounds per-chunk cost to O(window + chunk).
@@ -139,12 +142,35 @@ class _Carry:
     cache_source: torch.Tensor  # (1, 1, 256) NSF source of that frame
 
 
+@dataclass(eq=False)
+class ChunkPlan:
+    """One chunk of one stream on its way through the flow and the vocoder (see ``run_chunks``)."""
+
+    stream: DecoderStream
+    final: bool
+    new: torch.Tensor | None  # (1, N) new tokens; None: vocode the withheld tail only (no flow call)
+    prompt_tokens: torch.Tensor | None  # (1, P)
+    prompt_mel: torch.Tensor | None  # (1, T_p, 80)
+    expected: int  # flow output frames
+    generator: torch.Generator
+    vocoder_in: torch.Tensor | None = None  # (1, 80, T) set by ``DecoderStream.vocoder_input``
+    cache_source: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # frames that enter the history
+    overlap: torch.Tensor | None = None  # frames withheld for the next chunk
+
+
 @dataclass
 class DecoderStream:
     """One utterance: ``push`` token chunks as they arrive, ``finish`` once; audio comes back per call.
 
     Output is float32 mono at the model rate (22050 Hz). The client decides the chunk sizes; each
-    ``push`` that can be decoded runs one flow + one vocoder call and returns that chunk's audio.
+    ``push`` that can be decoded runs one flow + one vocoder call and returns that chunk's audio;
+    ``finish(tokens)`` decodes the last tokens with everything pending/withheld as the final chunk.
+
+    The object is plain per-stream state (pending tokens, history, carry, generator) with three steps
+    that ``push``/``finish`` chain for one stream and that ``run_chunks`` (and the service's scheduler)
+    drives for several streams at once: ``plan_chunk`` → model calls → ``vocoder_input`` → vocoder →
+    ``finish_chunk``.
     Concatenating every returned array gives ``256 · feat_len(total tokens)`` samples, exactly the length
     of ``one_shot`` on the same tokens.
 
@@ -192,25 +218,29 @@ class DecoderStream:
     def pending_tokens(self) -> int:
         return len(self._pending)
 
+    def has_chunk(self, final: bool) -> bool:
+        """Whether ``plan_chunk(final)`` would decode something now."""
+        if self.finished:
+            return False
+        if final:
+            return bool(self._pending) or self._carry is not None
+        started = self._carry is not None
+        return bool(self._pending) and (started or len(self._pending) >= self.min_first_tokens)
+
     def push(self, tokens: Iterable[int]) -> np.ndarray:
         """Add speech tokens and decode them now as one chunk (unless the stream has not started and fewer
         than ``min_first_tokens`` are buffered). Returns this call's samples (possibly empty)."""
-        self._accept(tokens)
-        if not self._pending:
-            return _empty()
-        if self._carry is None and len(self._pending) < self.min_first_tokens:
-            return _empty()  # a first chunk this small cannot be streamed; wait for more (see module doc)
-        return self._decode(final=False)
+        self.accept(tokens)
+        plan = self.plan_chunk(final=False)
+        return _empty() if plan is None else run_chunks(self.decoder, [plan])[0]
 
     def finish(self, tokens: Iterable[int] = ()) -> np.ndarray:
-        """Add the last tokens (if any) and flush everything withheld. Frees the stream's state."""
-        self._accept(tokens)
+        """Add the last tokens (if any) and decode them with everything pending and withheld as the final
+        chunk, in one flow + one vocoder call. Frees the stream's state."""
+        self.accept(tokens)
         try:
-            if self._pending:
-                return self._decode(final=True)
-            if self._carry is not None:
-                return self._flush_tail()
-            return _empty()
+            plan = self.plan_chunk(final=True)
+            return _empty() if plan is None else run_chunks(self.decoder, [plan])[0]
         finally:
             self.close()
 
@@ -229,7 +259,9 @@ class DecoderStream:
         return any(x is not None for x in held) or bool(self._pending)
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _accept(self, tokens: Iterable[int]) -> None:
+    def accept(self, tokens: Iterable[int]) -> None:
+        """Validate and queue tokens without decoding them (raises InvalidRequest, queues nothing, on bad
+        input or past the token cap)."""
         if self.finished:
             raise InvalidRequest("the stream is already finished")
         new = list(tokens)
@@ -271,58 +303,79 @@ class DecoderStream:
         mel = hist.mel[:, :, hist.mel.shape[2] - n_prompt_frames:]
         return tokens, mel.transpose(1, 2), expected
 
-    def _decode(self, final: bool) -> np.ndarray:
-        assert self._generator is not None
+    def plan_chunk(self, final: bool) -> ChunkPlan | None:
+        """Step 1 of a chunk: take the pending tokens and prepare the flow inputs (None: nothing to decode
+        now). ``final`` decodes everything pending and withheld, with no overlap kept."""
+        if self.finished or self._generator is None:
+            raise InvalidRequest("the stream is already finished")
+        if not self._pending:
+            if final and self._carry is not None:  # finish() without new tokens: the withheld tail only
+                return ChunkPlan(stream=self, final=True, new=None, prompt_tokens=None, prompt_mel=None,
+                                 expected=0, generator=self._generator)
+            return None
+        if not final and self._carry is None and len(self._pending) < self.min_first_tokens:
+            return None  # a first chunk this small cannot be streamed; wait for more (see module doc)
         new = torch.tensor([self._pending], dtype=torch.long, device=self.device)
-        n_new = new.shape[1]
-        prompt_tokens, prompt_mel, expected = self._prompt(n_new)
-        t0 = time.perf_counter()
+        self._pending = []
+        prompt_tokens, prompt_mel, expected = self._prompt(new.shape[1])
         # Reseed before every flow call, as the reference's CFM does with the global RNG: chunk k's noise
         # (and the vocoder's phases/noise drawn right after) equal the reference's for seed 42.
         self._generator.manual_seed(self.seed)
-        with torch.inference_mode():
-            mel = self.decoder.flow.inference(
-                token=new,
-                prompt_token=prompt_tokens,
-                prompt_feat=prompt_mel,
-                embedding=torch.zeros(1, 192, device=self.device),
-                generator=self._generator,
-            )
-        mel = mel.detach().to(torch.float32)
-        if mel.shape[:2] != (1, 80) or mel.shape[2] != expected:
-            raise RuntimeError(f"flow returned {tuple(mel.shape)}, expected (1, 80, {expected})")
-        t1 = time.perf_counter()
+        return ChunkPlan(stream=self, final=final, new=new, prompt_tokens=prompt_tokens,
+                         prompt_mel=prompt_mel, expected=expected, generator=self._generator)
+
+    def vocoder_input(self, plan: ChunkPlan, mel: torch.Tensor | None) -> None:
+        """Step 2: cross-fade the flow's frames with the withheld ones and set the vocoder's input."""
         carry = self._carry
+        if plan.new is None:  # tail only: the cached frame + the 34 withheld frames (lost-tail fix)
+            assert carry is not None
+            plan.vocoder_in = torch.cat([carry.cache_mel, carry.overlap], dim=2)
+            plan.cache_source = carry.cache_source
+            return
+        assert mel is not None
+        mel = mel.detach().to(torch.float32)
+        if mel.shape[:2] != (1, 80) or mel.shape[2] != plan.expected:
+            raise RuntimeError(f"flow returned {tuple(mel.shape)}, expected (1, 80, {plan.expected})")
         if carry is not None:
             # Cross-fade the regenerated positions with the withheld frames (float64 as the reference).
             head = (mel[:, :, :MEL_OVERLAP].double() * _FADE_IN.to(mel.device)
                     + carry.overlap.double() * _FADE_OUT.to(mel.device)).float()
             mel = torch.cat([head, mel[:, :, MEL_OVERLAP:]], dim=2)
         # Fix for the prompt-mel drift: the history gets the new frames only, never the cache frame.
-        keep = mel if final else mel[:, :, :-MEL_OVERLAP]
+        plan.keep = mel if plan.final else mel[:, :, :-MEL_OVERLAP]
         vocoder_in = mel if carry is None else torch.cat([carry.cache_mel, mel], dim=2)
-        cache_source = None if carry is None else carry.cache_source
-        if final:
-            speech, _ = self.decoder.hift.inference(vocoder_in, cache_source, self._generator)
+        if not plan.final:
+            plan.overlap = vocoder_in[:, :, -MEL_OVERLAP:]
+            vocoder_in = vocoder_in[:, :, :-MEL_OVERLAP]
+        plan.vocoder_in = vocoder_in
+        plan.cache_source = None if carry is None else carry.cache_source
+
+    def finish_chunk(self, plan: ChunkPlan, speech: torch.Tensor, source: torch.Tensor,
+                     flow_ms: float, hift_ms: float) -> np.ndarray:
+        """Step 3: keep what the next chunk needs, record the timing and return this chunk's samples."""
+        assert plan.vocoder_in is not None
+        if plan.new is None:
+            out = speech[0]
+            self.timings.append(ChunkTiming(new_tokens=0, prompt_tokens=0, prompt_frames=0, flow_frames=0,
+                                            emitted_samples=out.shape[0], flow_ms=0.0, hift_ms=hift_ms))
+            return self._emit(out)
+        assert plan.prompt_tokens is not None and plan.prompt_mel is not None and plan.keep is not None
+        if plan.final:
             out = speech[0]
         else:
-            overlap = vocoder_in[:, :, -MEL_OVERLAP:]
-            vocoder_in = vocoder_in[:, :, :-MEL_OVERLAP]
-            speech, source = self.decoder.hift.inference(vocoder_in, cache_source, self._generator)
+            assert plan.overlap is not None
             self._carry = _Carry(
-                overlap=overlap.clone(),
-                cache_mel=vocoder_in[:, :, -MEL_CACHE:].clone(),
+                overlap=plan.overlap.clone(),
+                cache_mel=plan.vocoder_in[:, :, -MEL_CACHE:].clone(),
                 cache_source=source[:, :, -SOURCE_CACHE:].clone(),
             )
             out = speech[0, :-SOURCE_CACHE]
-        t2 = time.perf_counter()
-        self._append_history(new, keep, final)
+        self._append_history(plan.new, plan.keep, plan.final)
         self.timings.append(ChunkTiming(
-            new_tokens=n_new, prompt_tokens=prompt_tokens.shape[1], prompt_frames=prompt_mel.shape[1],
-            flow_frames=expected, emitted_samples=out.shape[0],
-            flow_ms=(t1 - t0) * 1e3, hift_ms=(t2 - t1) * 1e3,
+            new_tokens=plan.new.shape[1], prompt_tokens=plan.prompt_tokens.shape[1],
+            prompt_frames=plan.prompt_mel.shape[1], flow_frames=plan.expected,
+            emitted_samples=out.shape[0], flow_ms=flow_ms, hift_ms=hift_ms,
         ))
-        self._pending = []
         return self._emit(out)
 
     def _append_history(self, new: torch.Tensor, frames: torch.Tensor, final: bool) -> None:
@@ -350,19 +403,6 @@ class DecoderStream:
                 h.mel = h.mel[:, :, -max_frames:].clone()
         assert self._history.mel.shape[2] <= self.frames_decoded - MEL_OVERLAP
 
-    def _flush_tail(self) -> np.ndarray:
-        """finish() without new tokens: vocode the cached frame + the 34 withheld frames (bug fix)."""
-        carry = self._carry
-        assert carry is not None and self._generator is not None
-        t0 = time.perf_counter()
-        vocoder_in = torch.cat([carry.cache_mel, carry.overlap], dim=2)
-        speech, _ = self.decoder.hift.inference(vocoder_in, carry.cache_source, self._generator)
-        out = speech[0]
-        self.timings.append(ChunkTiming(new_tokens=0, prompt_tokens=0, prompt_frames=0, flow_frames=0,
-                                        emitted_samples=out.shape[0], flow_ms=0.0,
-                                        hift_ms=(time.perf_counter() - t0) * 1e3))
-        return self._emit(out)
-
     def _emit(self, samples: torch.Tensor) -> np.ndarray:
         arr = samples.detach().to("cpu", torch.float32).numpy().copy()
         self.samples_emitted += arr.shape[0]
@@ -371,6 +411,45 @@ class DecoderStream:
 
 def _empty() -> np.ndarray:
     return np.zeros(0, dtype=np.float32)
+
+
+def run_chunks(decoder: _Decoder, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
+    """Decode chunks of several streams together: one flow call for every chunk with new tokens and one
+    vocoder call for all of them, then each stream keeps its carry/history. One chunk uses the models'
+    batch-1 calls (bit-identical to the reference path); several use their batched calls, whose rows
+    equal the batch-1 results up to float rounding and draw noise from each stream's own generator."""
+    if not plans:
+        return []
+    if len({id(p.stream) for p in plans}) != len(plans):
+        raise ValueError("run_chunks: at most one chunk per stream per call")
+    t0 = time.perf_counter()
+    flowing = [p for p in plans if p.new is not None]
+    mels: list[torch.Tensor] = []
+    with torch.inference_mode():
+        if len(flowing) == 1 and not getattr(decoder.flow, "pad_frames_to", 0):
+            p = flowing[0]
+            mels = [decoder.flow.inference(
+                token=p.new, prompt_token=p.prompt_tokens, prompt_feat=p.prompt_mel,
+                embedding=torch.zeros(1, 192, device=p.stream.device), generator=p.generator,
+            )]
+        elif flowing:
+            mels = decoder.flow.inference_batch([p.new for p in flowing], [p.prompt_tokens for p in flowing],
+                                                [p.prompt_mel for p in flowing],
+                                                [p.generator for p in flowing])
+    by_plan = {id(p): m for p, m in zip(flowing, mels, strict=True)}
+    for p in plans:
+        p.stream.vocoder_input(p, by_plan.get(id(p)))
+    t1 = time.perf_counter()
+    if len(plans) == 1:
+        p = plans[0]
+        results = [decoder.hift.inference(p.vocoder_in, p.cache_source, p.generator)]
+    else:
+        results = decoder.hift.inference_batch([p.vocoder_in for p in plans], [p.cache_source for p in plans],
+                                               [p.generator for p in plans])
+    t2 = time.perf_counter()
+    flow_ms, hift_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    return [p.stream.finish_chunk(p, speech, source, flow_ms if p.new is not None else 0.0, hift_ms)
+            for p, (speech, source) in zip(plans, results, strict=True)]
 
 
 def one_shot(decoder: _Decoder, tokens: Sequence[int], seed: int = DEFAULT_SEED) -> np.ndarray:

@@ -12,6 +12,8 @@ results then differ from the reference by float rounding, ~1e-6).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,6 +43,20 @@ class ConditionalCFM(nn.Module):
         self.cfg = cfg
         self.batch_guidance = batch_guidance
         self.estimator = ConditionalDecoder(cfg.estimator)
+        self._compiled: Any = None  # see ``compile_estimator``
+
+    def compile_estimator(self, mode: str = "default", backend: str = "inductor") -> None:
+        """Run the estimator (20 passes per chunk: the decoder's hot loop) through ``torch.compile``;
+        ``mode="reduce-overhead"`` captures CUDA graphs. Shapes are dynamic; pad frames to a bucket
+        (``FlowModel.pad_frames_to``) so the shapes repeat."""
+        self._compiled = torch.compile(self.estimator, mode=None if mode == "default" else mode,
+                                       backend=backend, dynamic=True)
+
+    def _estimate(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
+                  cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One estimator pass (compiled if ``compile_estimator`` was called)."""
+        fn = self._compiled if self._compiled is not None else self.estimator
+        return fn(x, mu, t, spks, cond, mask, mask is not None)
 
     def forward(
         self,
@@ -52,23 +68,52 @@ class ConditionalCFM(nn.Module):
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """mu, cond: (1, 80, T); spks: (1, 80) -> mel (1, 80, T). Draws one (1, 80, T) normal tensor."""
-        x = draw_noise(tuple(mu.shape), generator, mu) * temperature
+        x = draw_noise(tuple(mu.shape), generator, mu.new_empty(0, dtype=torch.float32)) * temperature
+        return self.solve(x, mu, spks, cond, n_timesteps)
+
+    def solve(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        n_timesteps: int = 10,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Integrate from the noise x (B, 80, T). ``mask`` (B, 1, T): right padding of rows of different
+        lengths (each row then equals its unpadded solution up to float rounding); None: no padding."""
+        padded = mask is not None
+        if padded:
+            x = x * mask
+        # Two or more rows always run both guidance branches as one batch of 2B rows (padded or not):
+        # the batched path is not bit-exact anyway, and halving the estimator calls is most of its gain.
+        batched_rows = x.shape[0] > 1
+        # The Euler state stays float32 whatever the estimator's dtype (a no-op for float32 models): with
+        # bfloat16/float16 weights only the velocity is computed in half precision.
+        x = x.float()
+        dtype = next(self.estimator.parameters()).dtype
+
+        def velocity(xs: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+            return self._estimate(xs.to(dtype), *rest).float()
+
         t_span = time_grid(n_timesteps, self.cfg.t_scheduler, mu.device)
         rate = self.cfg.inference_cfg_rate
         guided = rate > 0
-        batched = guided and self.batch_guidance
+        batched = guided and (self.batch_guidance or batched_rows)
         mu0, spks0, cond0 = torch.zeros_like(mu), torch.zeros_like(spks), torch.zeros_like(cond)
+        b = x.shape[0]
         if batched:
             mu_b, spks_b, cond_b = torch.cat([mu, mu0]), torch.cat([spks, spks0]), torch.cat([cond, cond0])
+            mask_b = None if mask is None else torch.cat([mask, mask])
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
             if batched:
-                v_both = self.estimator(torch.cat([x, x]), mu_b, t, spks_b, cond_b)
-                v = (1.0 + rate) * v_both[:1] - rate * v_both[1:]
+                v_both = velocity(torch.cat([x, x]), mu_b, t, spks_b, cond_b, mask_b)
+                v = (1.0 + rate) * v_both[:b] - rate * v_both[b:]
             else:
-                v = self.estimator(x, mu, t, spks, cond)
+                v = velocity(x, mu, t, spks, cond, mask)
                 if guided:
-                    v = (1.0 + rate) * v - rate * self.estimator(x, mu0, t, spks0, cond0)
+                    v = (1.0 + rate) * v - rate * velocity(x, mu0, t, spks0, cond0, mask)
             x = x + dt * v
             t = t + dt
             if step < len(t_span) - 1:

@@ -130,7 +130,10 @@ class ConformerLayer(nn.Module):
 
 
 class BlockConformerEncoder(nn.Module):
-    """(B, N, input_size) -> (B, N, output_size) for unpadded sequences."""
+    """(B, N, input_size) -> (B, N, output_size).
+
+    ``lengths`` (B,): real length of each right-padded row; padded keys are masked out of attention, so a
+    row's real positions equal its unpadded result (relative positions depend on i - j only)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -140,9 +143,12 @@ class BlockConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(cfg.output_size, eps=1e-5)
         self.encoders = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.num_blocks))
 
-    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         xs, pos = self.embed(xs)
         allowed = block_causal_mask(xs.shape[1], self.block_size, xs.device)
+        if lengths is not None:
+            keys = torch.arange(xs.shape[1], device=xs.device)[None, :] < lengths.to(xs.device)[:, None]
+            allowed = allowed[None, None] & keys[:, None, None, :]  # (B, 1, N, N)
         for layer in self.encoders:
             xs = layer(xs, pos, allowed)
         return self.after_norm(xs)

@@ -13,7 +13,9 @@ names of diffusers' ``BasicTransformerBlock`` (``norm1``, ``attn1.to_q/to_k/to_v
 Masks: GLM inference never pads (batch of one full-length sequence), so ``mask=None`` (the default) skips
 every mask multiplication and attends without a mask. With an explicit (B, 1, T) 0/1 mask the reference
 semantics are kept, including its quirk of handing the float 0/1 outer-product mask to attention as an
-*additive* bias.
+*additive* bias. ``padded=True`` instead treats the mask as right padding of a batch of streams of
+different lengths: GroupNorm statistics are taken over each row's real frames only and attention never
+looks at padded keys, so every row equals its unpadded batch-1 result up to float rounding.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
 
 
+def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of x (B, C, T) whose statistics ignore the frames where mask (B, 1, T) is 0."""
+    b, c, t = x.shape
+    g = norm.num_groups
+    out_dtype = x.dtype
+    m = mask.view(b, 1, 1, t).float()
+    xg = x.float().view(b, g, c // g, t)  # statistics in float32, as GroupNorm's kernels accumulate
+    count = m.sum(dim=(2, 3), keepdim=True) * (c // g)
+    mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
+    centred = xg - mean
+    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count
+    y = (centred * torch.rsqrt(var + norm.eps)).view(b, c, t).to(out_dtype)
+    if norm.affine:
+        y = torch.addcmul(norm.bias[None, :, None], y, norm.weight[None, :, None])
+    return y
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
@@ -63,8 +82,11 @@ class Block1D(nn.Module):
             nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish()
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return _masked(self.block(_masked(x, mask)), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, padded: bool = False) -> torch.Tensor:
+        if not padded or mask is None:
+            return _masked(self.block(_masked(x, mask)), mask)
+        conv, norm, act = self.block
+        return act(masked_group_norm(conv(x * mask), norm, mask)) * mask
 
 
 class ResnetBlock1D(nn.Module):
@@ -75,10 +97,12 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, temb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, temb: torch.Tensor, padded: bool = False
+    ) -> torch.Tensor:
+        h = self.block1(x, mask, padded)
         h = h + self.mlp(temb).unsqueeze(-1)
-        h = self.block2(h, mask)
+        h = self.block2(h, mask, padded)
         return h + self.res_conv(_masked(x, mask))
 
 
@@ -162,7 +186,15 @@ def _transformers(cfg: EstimatorConfig, dim: int) -> nn.ModuleList:
     )
 
 
-def _attention_bias(mask: torch.Tensor | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+def _attention_bias(
+    mask: torch.Tensor | None, x: torch.Tensor, heads: int, padded: bool = False
+) -> torch.Tensor:
+    if mask is not None and padded:
+        # Padding of a batch: the same +1 as the unpadded path on real keys (identical rounding), -inf on
+        # padded keys. Shape (B, 1, 1, T), broadcast over heads and queries.
+        keys = mask[:, 0, :].to(x.dtype)
+        bias = torch.where(keys > 0, torch.ones_like(keys), torch.full_like(keys, float("-inf")))
+        return bias[:, None, None, :]
     if mask is None:
         # The reference adds an all-ones float mask to the scores (a no-op for softmax, but it changes the
         # rounding). A stride-0 view of a single 1.0 reproduces its numbers bit for bit without
@@ -210,9 +242,11 @@ class ConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(up_channels[-1], cfg.out_channels, 1)
 
     @staticmethod
-    def _run_transformers(x: torch.Tensor, blocks: nn.ModuleList, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run_transformers(
+        x: torch.Tensor, blocks: nn.ModuleList, mask: torch.Tensor | None, padded: bool = False
+    ) -> torch.Tensor:
         h = x.transpose(1, 2).contiguous()
-        bias = _attention_bias(mask, h, blocks[0].attn1.heads) if len(blocks) else None
+        bias = _attention_bias(mask, h, blocks[0].attn1.heads, padded) if len(blocks) else None
         for block in blocks:
             h = block(h, bias)
         return h.transpose(1, 2).contiguous()
@@ -225,8 +259,10 @@ class ConditionalDecoder(nn.Module):
         spks: torch.Tensor,
         cond: torch.Tensor,
         mask: torch.Tensor | None = None,
+        padded: bool = False,
     ) -> torch.Tensor:
-        """x, mu, cond: (B, 80, T); t: () or (B,); spks: (B, 80); mask: (B, 1, T) or None (no padding)."""
+        """x, mu, cond: (B, 80, T); t: () or (B,); spks: (B, 80); mask: (B, 1, T) or None (no padding);
+        ``padded``: the mask marks right padding of rows of different lengths (see the module doc)."""
         temb = self.time_mlp(sinusoidal_time_embedding(t, self.in_channels).to(x.dtype))
         spk = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         h = torch.cat([x, mu, spk, cond], dim=1)
@@ -235,21 +271,21 @@ class ConditionalDecoder(nn.Module):
         masks = [mask]
         for resnet, blocks, down in self.down_blocks:
             m = masks[-1]
-            h = self._run_transformers(resnet(h, m, temb), blocks, m)
+            h = self._run_transformers(resnet(h, m, temb, padded), blocks, m, padded)
             skips.append(h)
             h = down(_masked(h, m))
             masks.append(None if m is None else m[:, :, ::2])
         masks.pop()
         m_mid = masks[-1]
         for resnet, blocks in self.mid_blocks:
-            h = self._run_transformers(resnet(h, m_mid, temb), blocks, m_mid)
+            h = self._run_transformers(resnet(h, m_mid, temb, padded), blocks, m_mid, padded)
         m_up = mask
         for resnet, blocks, up in self.up_blocks:
             m_up = masks.pop()
             skip = skips.pop()
             h = torch.cat([h[:, :, : skip.shape[-1]], skip], dim=1)
-            h = self._run_transformers(resnet(h, m_up, temb), blocks, m_up)
+            h = self._run_transformers(resnet(h, m_up, temb, padded), blocks, m_up, padded)
             h = up(_masked(h, m_up))
-        h = self.final_block(h, m_up)
+        h = self.final_block(h, m_up, padded)
         out = self.final_proj(_masked(h, m_up))
         return _masked(out, mask)

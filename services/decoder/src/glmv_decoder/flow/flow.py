@@ -13,7 +13,7 @@ from torch import nn
 
 from glmv_common.errors import InvalidRequest
 from glmv_decoder.config import FlowConfig
-from glmv_decoder.flow.cfm import ConditionalCFM
+from glmv_decoder.flow.cfm import ConditionalCFM, draw_noise
 from glmv_decoder.flow.encoder import BlockConformerEncoder
 from glmv_decoder.flow.length_regulator import InterpolateRegulator
 
@@ -54,6 +54,9 @@ class FlowModel(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = ConditionalCFM(cfg.decoder, batch_guidance)
         self.length_regulator = InterpolateRegulator(cfg.length_regulator)
+        #: >1: ``inference_batch`` pads the frame axis to a multiple of this (masked, so results do not
+        #: change beyond float rounding); used with a compiled estimator so that shapes repeat.
+        self.pad_frames_to = 0
         self.eval()
 
     def train(self, mode: bool = True) -> FlowModel:  # inference-only: always eval
@@ -130,3 +133,61 @@ class FlowModel(nn.Module):
                 cond[:, :, :n_prompt] = prompt_feat.to(device=device, dtype=dtype).transpose(1, 2)
             mel = self.decoder(mu, spks, cond, generator, n_timesteps=N_TIMESTEPS)
             return mel[:, :, n_prompt:].float().contiguous()
+
+    def inference_batch(
+        self,
+        tokens: list[torch.Tensor],
+        prompt_tokens: list[torch.Tensor],
+        prompt_feats: list[torch.Tensor],
+        generators: list[torch.Generator],
+    ) -> list[torch.Tensor]:
+        """``inference`` for several independent streams in one batched call (zero speaker embedding).
+
+        Row i gets the arguments of stream i; rows of different lengths are right-padded and masked
+        (encoder attention, estimator GroupNorm and attention), so each result equals
+        ``inference(tokens[i], prompt_tokens[i], prompt_feats[i], zeros, generators[i])`` up to float
+        rounding, with the same noise: row i's noise is drawn from ``generators[i]`` with the shape the
+        unbatched call draws. The length regulator (cheap next to the 20 estimator passes) runs per row.
+        """
+        n = len(tokens)
+        if not n or not len(prompt_tokens) == len(prompt_feats) == len(generators) == n:
+            raise InvalidRequest("flow: inference_batch needs one prompt, feature and generator per row")
+        zero_emb = torch.zeros(1, self.cfg.spk_embed_dim)
+        for i in range(n):
+            self._check(tokens[i], prompt_tokens[i], prompt_feats[i], zero_emb)
+        param = self.input_embedding.weight
+        device, dtype = param.device, param.dtype
+        with torch.no_grad():
+            spks = self.spk_embed_affine_layer(F.normalize(zero_emb.to(device=device, dtype=dtype), dim=1))
+            seqs = [torch.cat([p, t], dim=1).to(device=device, dtype=torch.long)[0]
+                    for p, t in zip(prompt_tokens, tokens, strict=True)]
+            lengths = torch.tensor([len(q) for q in seqs], device=device)
+            padded_tokens = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+            same_tokens = len({len(q) for q in seqs}) == 1  # no padding: no key mask needed
+            h = self.encoder_proj(self.encoder(self.input_embedding(padded_tokens),
+                                               None if same_tokens else lengths))
+            frames = [self.mel_frames(len(q)) for q in seqs]
+            n_prompts = [f.shape[1] for f in prompt_feats]
+            for fr, n_p in zip(frames, n_prompts, strict=True):
+                if n_p > fr:
+                    raise InvalidRequest(f"flow: prompt_feat has {n_p} frames, more than the {fr} frames "
+                                         "of prompt + new tokens")
+            m_max = max(frames)
+            if self.pad_frames_to > 1:  # bucketed shapes, so compiled graphs are reused
+                m_max = -(-m_max // self.pad_frames_to) * self.pad_frames_to
+            mu = torch.zeros(n, self.cfg.output_size, m_max, device=device, dtype=dtype)
+            cond = torch.zeros_like(mu)
+            x = torch.zeros(n, self.cfg.output_size, m_max, device=device)  # float32 noise
+            mask = torch.zeros(n, 1, m_max, device=device, dtype=dtype)
+            for i in range(n):
+                fr, n_p = frames[i], n_prompts[i]
+                mu[i, :, :fr] = self.length_regulator(h[i : i + 1, : len(seqs[i])], fr)[0].transpose(0, 1)
+                if n_p:
+                    cond[i, :, :n_p] = prompt_feats[i][0].to(device=device, dtype=dtype).transpose(0, 1)
+                x[i, :, :fr] = draw_noise((1, self.cfg.output_size, fr), generators[i], x)[0]
+                mask[i, :, :fr] = 1
+            # Rows of one length (streams in step) need no mask: the plain kernels are cheaper.
+            padded = min(frames) < m_max
+            mel = self.decoder.solve(x, mu, spks.expand(n, -1).contiguous(), cond, N_TIMESTEPS,
+                                     mask if padded else None)
+            return [mel[i : i + 1, :, n_prompts[i] : frames[i]].float().contiguous() for i in range(n)]
