@@ -15,23 +15,24 @@ fixed. For every chunk of new speech tokens:
 4. ``finish`` decodes its tokens (if any) with anything pending as the final chunk, nothing withheld, in one
    flow + one vocoder call; without tokens it vocodes what is still withheld.
 
-Fixes relative to the reference (each also described in services/decoder/README.md):
+Fixes relative to the reference (each also described in services/decoder/README.md and
+docs/architecture.md, "Reference deviations: Decoder"):
 
-* **Prompt-mel drift** (reference quirk §4.6.1). The reference appends the mel it *sent to HiFT* to the
+* **Prompt-mel drift**. The reference appends the mel it *sent to HiFT* to the
   prompt history; from the second chunk on that mel starts with the duplicated cache frame, so the prompt is
   one frame too long per boundary: the conditioning mel is shifted against the tokens, the cross-fade is
   misaligned by a frame and one frame of audio is lost per chunk boundary. Here the history receives only
   the new, cross-faded frames, so the prompt is exactly frames [0, F_prev − 34) and the streamed output has
   exactly the one-shot length ``256 · feat_len(N)``.
-* **Lost tail** (§4.6.5). The reference only flushes when a final chunk carries tokens; a stream that ends
+* **Lost tail**. The reference only flushes when a final chunk carries tokens; a stream that ends
   without pending tokens never emits the 34 withheld frames + the cached frame (~0.41 s) and leaks its
   per-stream state. ``finish()`` with no pending tokens here vocodes [cache frame + withheld frames] with
   the cached source and releases all state.
-* **First chunk too small** (§4.6.8). A non-final first chunk must produce more than 34 flow frames
+* **First chunk too small**. A non-final first chunk must produce more than 34 flow frames
   (≥ ``min_first_tokens`` = 6 tokens), otherwise nothing is left for the vocoder after withholding the
   overlap (the reference would crash). Smaller first pushes are buffered (``push`` returns no audio) until
   enough tokens have arrived or the stream finishes.
-* **Unbounded per-chunk cost** (§4.3, §7). The reference re-encodes the entire history on every chunk, so
+* **Unbounded per-chunk cost**. The reference re-encodes the entire history on every chunk, so
   chunk cost grows quadratically with reply length. ``prompt_window_tokens`` (default
   ``DEFAULT_PROMPT_WINDOW_TOKENS``) conditions on the last ≥ W tokens only (window start aligned to the
   encoder's 10-token blocks, so the new tokens see the same block layout as with full history) and on
@@ -39,7 +40,7 @@ Fixes relative to the reference (each also described in services/decoder/README.
   ``feat_len(N) − feat_len(N_prev) + 34`` frames, keeping the global length law; the window's local
   token→frame grid differs from the global one by less than one frame. ``prompt_window_tokens=0`` keeps the
   reference's unbounded behaviour.
-* **Process-wide RNG** (§2.5, §3.4). The reference reseeds torch's global RNG to 42 in every flow call and
+* **Process-wide RNG**. The reference reseeds torch's global RNG to 42 in every flow call and
   the vocoder then draws from it. Here each stream owns a ``torch.Generator``, reseeded with the stream's
   seed before every flow call and then used by the flow and by HiFT, so with seed 42 chunk k draws exactly
   the numbers the reference draws, and concurrent streams do not disturb each other.
