@@ -347,3 +347,115 @@ async def test_client_secret_and_subprotocol_auth(stack) -> None:
     with pytest.raises(Exception, match="401"):
         async with connect(url, additional_headers={"Authorization": "Bearer wrong"}):
             pass
+
+
+def noise(seconds: float, seed: int = 0) -> bytes:
+    """Near-silence at 24 kHz (what a quiet microphone sends)."""
+    x = np.random.default_rng(seed).standard_normal(int(seconds * 24000)) * 3e-5
+    return (x * 32767).astype("<i2").tobytes()
+
+
+async def append(conn, pcm: bytes, chunk: int = 4800) -> None:
+    """100 ms appends, as LiveKit sends them."""
+    for i in range(0, len(pcm), chunk):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + chunk]).decode())
+
+
+async def test_manual_mode_append_commit_respond(stack, client: GatewayClient, sample_wav: bytes) -> None:
+    speech = speech_24k(sample_wav)
+    async with sdk(stack).realtime.connect(model=MODEL) as conn:
+        await until(conn, "session.created", 10)
+        await conn.session.update(session=MANUAL)
+        session_id = (await until(conn, "session.updated"))[-1].session.id
+        await append(conn, speech)
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()  # right behind the commit, as Pipecat sends it
+        events = await until(conn, "response.done")
+    committed = first(events, "input_audio_buffer.committed")
+    user = first(events, "conversation.item.added")
+    assert user.item.id == committed.item_id and user.item.role == "user"
+    assert user.item.content[0].type == "input_audio"
+    kinds = [e.type for e in events]
+    assert kinds.index("conversation.item.done") < kinds.index("response.created")
+    assert "response.output_audio_transcript.delta" in kinds
+    done = events[-1].response
+    assert_finished(done, 48)
+    # the speech was tokenized as it streamed in: one token per 80 ms of 16 kHz audio
+    samples_16k = len(soxr.resample(np.zeros(len(speech) // 2, np.float32), 24000, 16000))
+    assert done.usage.input_token_details.audio_tokens == -(-samples_16k // 1280)
+    assert len(audio_of(events)) // 2 == expected_samples(done.usage.output_token_details.audio_tokens, 24000)
+    turns = client.history(session_id)["turns"]
+    assert len(turns) == 1 and turns[0]["user"]["kind"] == "audio"
+
+
+async def test_server_vad_answers_after_a_pause(stack, client: GatewayClient, sample_wav: bytes) -> None:
+    async with sdk(stack).realtime.connect(model=MODEL) as conn:
+        await until(conn, "session.created", 10)
+        vad = {"type": "server_vad", "silence_duration_ms": 500, "create_response": True}
+        await conn.session.update(session={**MANUAL, "audio": {"input": {"turn_detection": vad}}})
+        updated = (await until(conn, "session.updated"))[-1].session
+        assert updated.audio.input.turn_detection.type == "server_vad"
+        await append(conn, noise(0.5) + speech_24k(sample_wav) + noise(1.5, 1))
+        events = await until(conn, "response.done")  # nobody asked: the pause started it
+    kinds = [e.type for e in events]
+    order = [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "response.created",
+    ]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order)
+    started, stopped = (
+        first(events, "input_audio_buffer.speech_started"),
+        first(events, "input_audio_buffer.speech_stopped"),
+    )
+    assert started.item_id == stopped.item_id == first(events, "input_audio_buffer.committed").item_id
+    assert 0 <= started.audio_start_ms < stopped.audio_end_ms
+    assert_finished(events[-1].response, 48)
+
+
+async def test_barge_in_cancels_and_truncate_cuts_the_stored_turn(
+    stack, client: GatewayClient, sample_wav: bytes
+) -> None:
+    long_reply = {"seed": 7, "temperature": 1.0, "top_p": 1.0, "chunk_schedule": [4]}
+    vad = {"type": "server_vad", "create_response": True, "interrupt_response": True}
+    async with sdk(stack).realtime.connect(model=MODEL) as conn:
+        await until(conn, "session.created", 10)
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "max_output_tokens": 2000,
+                "glmv": long_reply,
+                "audio": {"input": {"turn_detection": vad}},
+            }
+        )
+        session_id = (await until(conn, "session.updated"))[-1].session.id
+        await conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Talk to me."}],
+            }
+        )
+        await conn.response.create()
+        before = await until(conn, "response.output_audio.delta")
+        item_id = first(before, "response.output_item.added").item.id
+        await append(conn, speech_24k(sample_wav))  # the user talks over the reply
+        events = await until(conn, "response.done")
+        assert first(events, "input_audio_buffer.speech_started")
+        done = events[-1].response
+        assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
+        assert done.usage.output_tokens < 2000
+        sent_ms = 1000 * len(audio_of(before + events)) / 2 / 24000
+        heard = int(sent_ms / 2)  # the listener heard half of what arrived
+        await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=heard)
+        while True:
+            truncated = (await until(conn, "conversation.item.truncated"))[-1]
+            if truncated.audio_end_ms == heard:
+                break
+    assert truncated.item_id == item_id
+    turn = client.history(session_id)["turns"][0]
+    assert turn["assistant"]["truncated"] is True and turn["assistant"]["end_reason"] == "cancelled"
+    assert abs(turn["assistant"]["heard_ms"] - heard) <= 1
+    assert turn["assistant"]["audio_tokens"] < done.usage.output_token_details.audio_tokens

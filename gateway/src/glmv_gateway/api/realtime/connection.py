@@ -19,8 +19,10 @@ together, so deleting an answered item removes that exchange from the stored his
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import json
 import uuid
@@ -150,6 +152,7 @@ class RealtimeConnection:
         self.appended = 0  # bytes appended since the last commit / clear / detected utterance
         self.cancel_reason = "turn_detected"
         self.streaming: Response | None = None
+        self.committing: asyncio.Future[None] | None = None
 
     # --- out ----------------------------------------------------------------------------------------
 
@@ -206,6 +209,8 @@ class RealtimeConnection:
                     "item_id": self.speech_item,
                 }
             ]
+        if isinstance(event, InputCommitted | ErrorEvent) and self.committing and not self.committing.done():
+            self.committing.set_result(None)
         if isinstance(event, InputCommitted):
             return self.on_committed(event)
         if isinstance(event, InputCleared):
@@ -524,13 +529,6 @@ class RealtimeConnection:
             raise p.ProtocolError("audio is not valid base64", param="audio") from None
         if not data:
             return
-        if not hasattr(self.conv.clients, "listen"):
-            raise p.ProtocolError(
-                "streamed audio input needs the tokenizer's Listen stream, which this build "
-                "lacks; send audio as a conversation.item.create input_audio item",
-                code="not_supported",
-                param="audio",
-            )
         self.appended += len(data)
         await self.conv.push_audio(data)
 
@@ -541,6 +539,8 @@ class RealtimeConnection:
                 code="input_audio_buffer_commit_empty",
             )
         self.appended = 0
+        # a response.create right behind the commit waits for the utterance's last tokens
+        self.committing = asyncio.get_running_loop().create_future()
         await self.conv.commit()
 
     async def on_input_audio_buffer_clear(self, event: p.AudioClear) -> None:
@@ -712,6 +712,9 @@ class RealtimeConnection:
                 code="conversation_already_has_active_response",
             )
         overrides = self.overrides(params)
+        if self.committing is not None and not self.committing.done() and params.input is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.committing), self.conv.config.listen_timeout_s)
         text_only = params.output_modalities == ["text"] if params.output_modalities else self.view.text_only
         stored = params.conversation != "none"
         inputs = None
