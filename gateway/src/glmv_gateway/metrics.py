@@ -38,3 +38,9 @@ ACTIVE_CONVERSATIONS = Gauge(
     "glmv_gateway_active_conversations", "Duplex conversations open now", ["transport"]
 )
 UTTERANCES = Counter("glmv_gateway_utterances_total", "User utterances committed", ["by"])
+REALTIME_EVENTS = Counter(
+    "glmv_gateway_realtime_client_events_total", "OpenAI Realtime client events received", ["type", "dialect"]
+)
+REALTIME_ERRORS = Counter(
+    "glmv_gateway_realtime_errors_total", "Realtime error events sent, by error code", ["code"]
+)

@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import WebSocket
 from pydantic import ValidationError
 
+from glmv_gateway import metrics
 from glmv_gateway.api.realtime import protocol as p
 from glmv_gateway.api.realtime.session import (
     SessionView,
@@ -160,6 +161,8 @@ class RealtimeConnection:
         self.conv.emit(Wire(payload=payload))
 
     async def write(self, payload: dict[str, Any]) -> None:
+        if payload["type"] == "error":
+            metrics.REALTIME_ERRORS.labels(str(payload["error"].get("code"))).inc()
         payload = {"type": payload.pop("type"), "event_id": new_id("event"), **payload}
         if self.beta:
             converted = p.to_beta(payload)
@@ -502,6 +505,7 @@ class RealtimeConnection:
         token = CURRENT_EVENT.set(event_id)
         try:
             event = p.parse_client_event(message, self.beta)
+            metrics.REALTIME_EVENTS.labels(event.type, "beta" if self.beta else "ga").inc()
             handler = getattr(self, "on_" + event.type.replace(".", "_"))
             await handler(event)
         except p.ProtocolError as exc:
