@@ -176,7 +176,7 @@ async def conn_session_id(conn) -> str:
     return (await until(conn, "session.updated"))[-1].session.id
 
 
-async def test_bad_events_each_get_an_error_and_the_session_goes_on(stack) -> None:
+async def test_bad_events_each_get_an_error_and_the_session_goes_on(stack, client: GatewayClient) -> None:
     async with sdk(stack).realtime.connect(model=MODEL) as conn:
         await until(conn, "session.created", 10)
         await conn.session.update(session=MANUAL)
@@ -281,7 +281,15 @@ async def test_bad_events_each_get_an_error_and_the_session_goes_on(stack) -> No
             }
         )
         truncated = (await until(conn, "conversation.item.truncated"))[-1]
-        assert truncated.item_id == first(again, "response.output_item.added").item.id
+        second = first(again, "response.output_item.added").item.id
+        assert truncated.item_id == second
+        session_id = await conn_session_id(conn)
+        turns = client.history(session_id)["turns"]
+        assert turns[1]["assistant"]["truncated"] is True and turns[1]["assistant"]["audio_tokens"] == 0
+        # deleting an answered item removes that exchange from the stored history
+        await conn.conversation.item.delete(item_id=second)
+        assert (await until(conn, "conversation.item.deleted"))[-1].item_id == second
+        assert len(client.history(session_id)["turns"]) == 1
     assert len(bad) >= 20
 
 
