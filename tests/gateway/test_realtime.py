@@ -290,6 +290,10 @@ async def test_bad_events_each_get_an_error_and_the_session_goes_on(stack, clien
         await conn.conversation.item.delete(item_id=second)
         assert (await until(conn, "conversation.item.deleted"))[-1].item_id == second
         assert len(client.history(session_id)["turns"]) == 1
+        # nothing new from the user: the instructions are answered as the user turn (a greeting)
+        await conn.response.create(response={"instructions": "Say hello."})
+        assert (await until(conn, "response.done"))[-1].response.status in ("completed", "incomplete")
+        assert client.history(session_id)["turns"][-1]["user"]["text"] == "Say hello."
     assert len(bad) >= 20
 
 

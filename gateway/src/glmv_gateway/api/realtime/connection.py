@@ -10,6 +10,9 @@ with its transcript — the LM's interleaved text is the transcript of its speec
 ``response.content_part.done`` → ``response.output_item.done`` → ``conversation.item.done`` →
 ``response.done``. Out-of-band replies (``conversation: "none"``) skip the conversation events.
 
+A ``response.create`` with ``instructions`` and no new user input (a greeting, an agent's "say
+...") answers the instructions as the user turn: GLM-4-Voice only replies to a user turn.
+
 Conversation items: user text and user audio items wait in ``pending_inputs`` until
 ``response.create`` (or a detected end of speech) answers them; a system message sets the style
 instruction; assistant messages and function-call items are accepted and listed but do not reach
@@ -32,6 +35,7 @@ from typing import Any
 from fastapi import WebSocket
 from pydantic import ValidationError
 
+from glmv_common.logs import get_logger, kv
 from glmv_gateway import metrics
 from glmv_gateway.api.realtime import protocol as p
 from glmv_gateway.api.realtime.session import (
@@ -62,6 +66,8 @@ from glmv_gateway.conversation.events import (
 from glmv_gateway.conversation.record import truncate_stored
 from glmv_gateway.conversation.turn import TurnRun
 from glmv_gateway.schemas import apply_patch
+
+log = get_logger("glmv.gateway.realtime")
 
 # The client event being handled: errors raised while handling it echo its event_id.
 CURRENT_EVENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("realtime_event", default=None)
@@ -510,6 +516,12 @@ class RealtimeConnection:
             await handler(event)
         except p.ProtocolError as exc:
             self.error(exc, event_id)
+        except Exception as exc:  # a bug must not end the session: report it, keep serving
+            log.exception("realtime event failed", extra=kv(session_id=self.conv.session_id))
+            failure = p.ProtocolError(
+                f"{type(exc).__name__}: {exc}", code="server_error", type="server_error"
+            )
+            self.error(failure, event_id)
         finally:
             CURRENT_EVENT.reset(token)
 
@@ -715,6 +727,21 @@ class RealtimeConnection:
                 "the conversation already has an active response",
                 code="conversation_already_has_active_response",
             )
+        if (
+            params.input is None
+            and not self.conv.pending_inputs
+            and params.instructions
+            and not self.committing_now()
+        ):
+            # Nothing new from the user (a greeting, an agent's "say ..."): GLM-4-Voice answers a user
+            # turn, so the instructions become that turn.
+            params = params.model_copy(update={"input": [], "instructions": None})
+            try:
+                greeting = UserInput(text=check_text(event.response.instructions if event.response else ""))
+            except TurnRejected as exc:
+                raise p.ProtocolError(exc.message, param="response.instructions") from None
+        else:
+            greeting = None
         overrides = self.overrides(params)
         if self.committing is not None and not self.committing.done() and params.input is None:
             with contextlib.suppress(TimeoutError):
@@ -722,7 +749,9 @@ class RealtimeConnection:
         text_only = params.output_modalities == ["text"] if params.output_modalities else self.view.text_only
         stored = params.conversation != "none"
         inputs = None
-        if params.input is not None:
+        if greeting is not None:
+            inputs = [greeting]
+        elif params.input is not None:
             inputs = [
                 await self.user_input(i, f"response.input.{n}")
                 for n, i in enumerate(params.input)
@@ -740,6 +769,9 @@ class RealtimeConnection:
         for item_id in pending:
             self.pending.pop(item_id, None)
             self.item_turn[item_id] = run.turn_id
+
+    def committing_now(self) -> bool:
+        return self.committing is not None and not self.committing.done()
 
     def overrides(self, params: p.ResponseParams) -> dict[str, Any]:
         settings = self.conv.settings
