@@ -136,6 +136,10 @@ async def test_text_item_gets_an_audio_reply_with_ordered_events(stack, client: 
     turns = client.history(session.id)["turns"]
     assert [t["user"].get("text") for t in turns] == ["Tell me a story."]
     assert turns[0]["assistant"]["text"] == transcript
+    assert set(client.get_session(session.id)["versions"]) >= {
+        "tokenizer",
+        "decoder",
+    }  # pinned like any session
 
 
 async def test_mulaw_output_text_only_and_out_of_band(stack, client: GatewayClient) -> None:

@@ -27,6 +27,7 @@ from glmv_gateway.api.websocket_io import deny, serve
 from glmv_gateway.conversation.conversation import AudioFormat
 from glmv_gateway.schemas import SessionSettings, apply_patch
 from glmv_gateway.sessions import SessionNotFound
+from glmv_gateway.versions import VersionUnavailable
 
 router = APIRouter()
 log = get_logger("glmv.gateway.realtime")
@@ -82,7 +83,11 @@ async def realtime_socket(websocket: WebSocket) -> None:
             settings = SessionSettings.model_validate(apply_patch(settings.model_dump(mode="json"), patch))
             view.view, view.input_format = planned, fmt
         if session_id is None:
-            session_id = (await state.store.create(settings.model_dump(mode="json"), owner=api_key)).id
+            versions = state.clients.registry.assign_all()  # as POST /v1/sessions does
+            session = await state.store.create(
+                settings.model_dump(mode="json"), owner=api_key, versions=versions
+            )
+            session_id = session.id
         elif secret_session:
             await state.store.update_settings(session_id, settings.model_dump(mode="json"))
         view.view["id"] = session_id
@@ -101,6 +106,9 @@ async def realtime_socket(websocket: WebSocket) -> None:
         return
     except ProtocolError as exc:
         await deny(websocket, 400, exc.message)
+        return
+    except VersionUnavailable as exc:
+        await deny(websocket, exc.status, exc.message)
         return
     except SessionNotFound:
         await deny(websocket, 404, f"session {params.get('session_id')} not found (expired or deleted)")
