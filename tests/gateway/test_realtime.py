@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import soundfile as sf
 import soxr
 from openai import AsyncOpenAI
 
+from glmv_common import audio as audio_io
 from glmv_gateway.client import GatewayClient
 
 from .test_turns import mel_frames
@@ -173,6 +175,29 @@ async def test_mulaw_output_text_only_and_out_of_band(stack, client: GatewayClie
         assert "conversation.item.added" not in {e.type for e in oob}
         session_id = await conn_session_id(conn)
     assert len(client.history(session_id)["turns"]) == 2
+
+
+async def test_mulaw_input_streams_through_the_detector(stack, sample_wav: bytes) -> None:
+    samples, rate = sf.read(io.BytesIO(sample_wav), dtype="float32")
+    ulaw = audio_io.encode_pcm(soxr.resample(samples, rate, 8000), "mulaw")
+    async with sdk(stack).realtime.connect(model=MODEL) as conn:
+        await until(conn, "session.created", 10)
+        pcmu = {"type": "audio/pcmu"}
+        session = {
+            **MANUAL,
+            "audio": {"input": {"format": pcmu, "turn_detection": None}, "output": {"format": pcmu}},
+        }
+        await conn.session.update(session=session)
+        assert (await until(conn, "session.updated"))[-1].session.audio.input.format.type == "audio/pcmu"
+        await append(conn, ulaw, chunk=1600)  # 200 ms of 8 kHz µ-law
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        events = await until(conn, "response.done")
+    done = events[-1].response
+    # 8 kHz in, resampled to the tokenizer's 16 kHz: one token per 80 ms (the 8 kHz stream's last,
+    # partial token may be dropped: 47 here where 24 kHz input of the same speech gives 48)
+    assert 0 <= -(-len(ulaw) * 2 // 1280) - done.usage.input_token_details.audio_tokens <= 1
+    assert len(audio_of(events)) == expected_samples(done.usage.output_token_details.audio_tokens, 8000)
 
 
 async def conn_session_id(conn) -> str:
@@ -348,6 +373,7 @@ async def test_client_secret_and_subprotocol_auth(stack) -> None:
         },
     )
     assert secret.value.startswith("ek_")
+    assert abs(secret.expires_at - time.time() - 60) <= 5
     from websockets.asyncio.client import connect
 
     url = f"{stack.gateway_url.replace('http', 'ws')}/v1/realtime?model={MODEL}"
