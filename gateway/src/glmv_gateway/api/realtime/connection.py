@@ -68,6 +68,7 @@ from glmv_gateway.conversation.turn import TurnRun
 from glmv_gateway.schemas import apply_patch
 
 log = get_logger("glmv.gateway.realtime")
+KEEP_RUNS = 32  # replies a connection remembers (for truncate and late cancel reports)
 
 # The client event being handled: errors raised while handling it echo its event_id.
 CURRENT_EVENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("realtime_event", default=None)
@@ -109,6 +110,8 @@ class RealtimeConversation(Conversation):
         run = await super().start_turn(user_input, **kwargs)
         if run is not None:
             self.runs[run.turn_id] = run
+            while len(self.runs) > KEEP_RUNS:  # older replies can no longer be truncated
+                self.runs.pop(next(iter(self.runs)))
         return run
 
     def emit(self, event: Event) -> None:
