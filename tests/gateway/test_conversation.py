@@ -162,3 +162,19 @@ def stack_history(stack, session_id: str) -> list[dict]:
 
     raw = redis.Redis.from_url(stack.redis_url).lrange(SessionStore._key(session_id, "turns"), 0, -1)
     return [json.loads(t) for t in raw]
+
+
+def test_silence_between_utterances_does_not_count_toward_the_audio_limit(
+    stack, client: GatewayClient, sample_wav: bytes
+) -> None:
+    # the test stack's utterance limit is 20 s: a caller silent for longer must not be cut off
+    stream = np.concatenate(
+        [np.zeros(22 * 16000, np.float32), speech(sample_wav), np.zeros(16000, np.float32)]
+    )
+    session = client.create_session(**FAST, turn_detection=VAD)
+    with connect(ws_url(stack, session["id"])) as ws:
+        json.loads(ws.recv(timeout=10))
+        for frame in frames(audio_io.encode_pcm(stream, "pcm16"), 640):
+            ws.send(frame)
+        events = recv_until(ws, {"turn.done"})  # fails on any error event
+    assert events[0]["type"] == "input.speech_started" and events[0]["audio_start_ms"] > 21_000

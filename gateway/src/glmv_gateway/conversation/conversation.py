@@ -115,6 +115,7 @@ class Conversation:
         self._speech_ended_at: float | None = None
         self._pending_speech_end: float | None = None
         self._respond_when_done = False
+        self._in_speech = False  # between speech_started and the utterance's end (server VAD)
         self._closed = False
         self.turns_started = 0
         self.respond_on_commit = respond_on_commit
@@ -204,6 +205,8 @@ class Conversation:
             return
         limit_bytes = self.config.max_upload_bytes
         limit_s = self.config.max_audio_seconds
+        if self.turn_detection == "server_vad" and not self._in_speech:
+            self._pending_bytes = 0  # silence between utterances is not part of any utterance
         self._pending_bytes += len(data)
         if self._pending_bytes > limit_bytes or self._pending_bytes / fmt.bytes_per_second > limit_s:
             self._drop_listen()
@@ -478,6 +481,7 @@ class Conversation:
     def _drop_listen(self) -> None:
         stream, task = self._listen, self._listen_task
         self._listen, self._listen_task, self._pending_bytes = None, None, 0
+        self._in_speech = False
         if stream is not None:
             stream.cancel()
         if task is not None and not task.done() and task is not asyncio.current_task():
@@ -508,6 +512,7 @@ class Conversation:
         kind = event.WhichOneof("msg")
         td = self.settings.turn_detection
         if kind == "speech_started":
+            self._in_speech = True
             self.emit(
                 SpeechStarted(
                     utterance=event.speech_started.utterance,
@@ -526,7 +531,7 @@ class Conversation:
             )
         elif kind == "done":
             done = event.done
-            self._pending_bytes = 0
+            self._pending_bytes, self._in_speech = 0, False
             by = "client" if done.committed else "vad"
             if not done.tokens:
                 if done.committed:
@@ -559,4 +564,4 @@ class Conversation:
                 self.pending_inputs.append(user)
                 self._pending_speech_end = ended
         elif kind == "cleared":
-            self._pending_bytes = 0
+            self._pending_bytes, self._in_speech = 0, False
