@@ -68,3 +68,11 @@ LM_REPLICA_UP = Gauge("glmv_gateway_lm_replica_up", "1 while an LM replica answe
 LM_REPLICA_CALLS = Counter(
     "glmv_gateway_lm_replica_calls_total", "Generate calls per LM replica", ["replica", "affinity"]
 )
+
+# --- OpenAI Realtime endpoint ---------------------------------------------------------------------
+REALTIME_EVENTS = Counter(
+    "glmv_gateway_realtime_client_events_total", "OpenAI Realtime client events received", ["type", "dialect"]
+)
+REALTIME_ERRORS = Counter(
+    "glmv_gateway_realtime_errors_total", "Realtime error events sent, by error code", ["code"]
+)
