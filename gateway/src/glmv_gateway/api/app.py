@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import health, jobs, sessions, turns, ws
+from glmv_gateway.api import demo, health, jobs, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.state import AppState
 from glmv_gateway.clients import ServiceClients, compatibility_problems
@@ -56,6 +56,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(turns.router)
     app.include_router(ws.router)
     app.include_router(jobs.router)
+    if settings.demo_page:
+        app.include_router(demo.router)
     return app
 
 
