@@ -59,8 +59,12 @@ export class AudioIO {
     this.ctx = new AudioContext({ latencyHint: "interactive" });
     if (this.ctx.state === "suspended") await this.ctx.resume();
     const base = new URL(".", import.meta.url);
-    await this.ctx.audioWorklet.addModule(new URL("capture-worklet.js", base));
-    await this.ctx.audioWorklet.addModule(new URL("playback-worklet.js", base));
+    try {
+      await this.ctx.audioWorklet.addModule(new URL("capture-worklet.js", base));
+      await this.ctx.audioWorklet.addModule(new URL("playback-worklet.js", base));
+    } catch (err) {
+      throw new Error(`The server is not reachable: the page could not load its audio code (${err.message}). Is the gateway running?`);
+    }
     const source = this.ctx.createMediaStreamSource(this.stream);
     this.capture = new AudioWorkletNode(this.ctx, "glmv-capture", {
       numberOfInputs: 1,
