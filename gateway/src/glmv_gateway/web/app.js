@@ -407,6 +407,11 @@ function finishTurn(response) {
 ui.start.addEventListener("click", () => start());
 ui.hangup.addEventListener("click", () => hangup());
 ui.interrupt.addEventListener("click", () => interrupt("button"));
+const initial = pageOverrides(location.search);
+if (initial.temperature !== undefined) {
+  ui.settings.elements.temperature.value = String(initial.temperature);
+  ui.settings.elements.temperatureValue.value = initial.temperature.toFixed(2);
+}
 ui.settings.addEventListener("input", () => {
   const settings = readSettings(ui.settings);
   ui.settings.elements.temperatureValue.value = settings.temperature.toFixed(2);

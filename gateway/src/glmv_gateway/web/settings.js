@@ -14,7 +14,7 @@ export function readSettings(form) {
   };
 }
 
-// Optional page parameters for reproducible demos: ?seed=7&max_output_tokens=200
+// Optional page parameters for reproducible demos: ?seed=7&max_output_tokens=200&top_p=1&temperature=1
 export function pageOverrides(search) {
   const params = new URLSearchParams(search);
   const out = {};
@@ -22,6 +22,10 @@ export function pageOverrides(search) {
   if (seed !== null && /^\d+$/.test(seed)) out.seed = Number(seed);
   const maxTokens = params.get("max_output_tokens");
   if (maxTokens !== null && /^\d+$/.test(maxTokens)) out.maxOutputTokens = Number(maxTokens);
+  const topP = Number(params.get("top_p"));
+  if (params.get("top_p") !== null && topP > 0 && topP <= 1) out.topP = topP;
+  const temperature = Number(params.get("temperature"));
+  if (params.get("temperature") !== null && temperature >= 0 && temperature <= 1.5) out.temperature = temperature;
   return out;
 }
 
@@ -51,6 +55,7 @@ export function sessionUpdate(settings, overrides = {}) {
     },
   };
   if (overrides.seed !== undefined) session.glmv.seed = overrides.seed;
+  if (overrides.topP !== undefined) session.glmv.top_p = overrides.topP;
   if (overrides.maxOutputTokens !== undefined) session.max_output_tokens = overrides.maxOutputTokens;
   return { type: "session.update", session };
 }
