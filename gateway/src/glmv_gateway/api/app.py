@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from glmv_common.logs import get_logger, kv, setup_logging
 from glmv_gateway.api import demo, health, jobs, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
+from glmv_gateway.api.realtime import router as realtime
+from glmv_gateway.api.realtime import secrets as realtime_secrets
 from glmv_gateway.api.state import AppState
 from glmv_gateway.clients import ServiceClients, compatibility_problems
 from glmv_gateway.jobs.worker import make_celery
@@ -56,6 +58,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(turns.router)
     app.include_router(ws.router)
     app.include_router(jobs.router)
+    app.include_router(realtime.router)
+    app.include_router(realtime_secrets.router)
     if settings.demo_page:
         app.include_router(demo.router)
     return app
