@@ -31,7 +31,8 @@ const stats = {
   turns: 0, // responses that ended (completed or cut)
   bargeIns: 0,
   truncatesSent: 0,
-  truncated: 0, // conversation.item.truncated acknowledgements
+  truncated: 0, // conversation.item.truncated acknowledging the page's truncates
+  serverTruncated: 0, // the server's own cuts of interrupted replies
   errors: 0,
 };
 
@@ -51,7 +52,16 @@ const state = {
 };
 
 const turns = [];
-window.glmvDemo = { stats, state, turns, start, hangup, interrupt, settings: () => readSettings(ui.settings) };
+window.glmvDemo = {
+  stats,
+  state,
+  turns,
+  start,
+  hangup,
+  interrupt,
+  audible: () => audibleItem(),
+  settings: () => readSettings(ui.settings),
+};
 
 function setStatus(text, kind) {
   ui.status.textContent = text;
@@ -233,10 +243,12 @@ async function interrupt(reason = "button") {
   if (!item) return;
   const heard = played[itemId] || 0;
   const audioEndMs = Math.floor((Math.min(heard, item.received) * 1000) / WIRE_RATE);
+  item.sentEndMs = audioEndMs;
   state.conn.send({ type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: audioEndMs });
   stats.truncatesSent += 1;
   if (reason === "speech") stats.bargeIns += 1;
   item.turn.cutAtMs = audioEndMs;
+  if (item.turn.record) item.turn.record.cutAtMs = audioEndMs; // its response had already ended
   item.turn.bubble.classList.add("cut");
   item.turn.bubble.querySelector(".meta").textContent = `interrupted after ${(audioEndMs / 1000).toFixed(2)} s`;
   setButtons();
@@ -300,6 +312,7 @@ function onEvent(event) {
         status: "in_progress",
         usage: null,
         cutAtMs: null,
+        record: null,
         bubble: bubble("assistant"),
       };
       state.user = null;
@@ -346,9 +359,13 @@ function onEvent(event) {
     case "response.done":
       finishTurn(event.response);
       break;
-    case "conversation.item.truncated":
-      stats.truncated += 1;
+    case "conversation.item.truncated": {
+      // the server may cut an interrupted reply itself; count the acknowledgements of ours
+      const item = state.items.get(event.item_id);
+      if (item && item.sentEndMs === event.audio_end_ms) stats.truncated += 1;
+      else stats.serverTruncated += 1;
       break;
+    }
     case "error":
       showError(`Server error${event.error && event.error.code ? ` (${event.error.code})` : ""}: ${event.error ? event.error.message : "unknown"}`);
       break;
@@ -380,6 +397,7 @@ function finishTurn(response) {
     text: turn.text,
     cutAtMs: turn.cutAtMs,
   };
+  turn.record = record;
   turns.push(record);
   stats.turns += 1;
   metric("total", ms(record.totalMs));
