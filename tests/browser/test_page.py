@@ -114,8 +114,8 @@ async () => {
     let crossings = 0, sq = 0;
     for (let i = 1; i < mid.length; i++) if ((mid[i - 1] < 0) !== (mid[i] < 0)) crossings++;
     for (const v of mid) sq += v * v;
-    const freq = crossings / 2 / (mid.length / outRate);
-    return { length: y.length, freq, rms: Math.sqrt(sq / mid.length) };
+    const measured = crossings / 2 / (mid.length / outRate);
+    return { length: y.length, freq: measured, rms: Math.sqrt(sq / mid.length) };
   }
   return {
     down: run(48000, 24000, 1000, 1), odd: run(44100, 24000, 440, 1), up: run(24000, 48000, 440, 1),
@@ -229,5 +229,30 @@ def test_flush_reports_exactly_what_was_heard(playwright, page_gateway: Gateway)
         assert 9600 <= r["played"] < 48000, r
         # the count the page sends in conversation.item.truncate is what was rendered (±5 ms)
         assert abs(r["span"] - r["played"]) <= 120, r
+    finally:
+        browser.close()
+
+
+URLS_JS = """
+async () => {
+  const { realtimeUrl } = await import('./realtime.js');
+  return [
+    realtimeUrl('http://localhost:8080/demo/', 'glm-4-voice'),
+    realtimeUrl('https://voice.example.com/demo/?seed=7', 'glm-4-voice'),
+    realtimeUrl('https://example.com/glmv/demo/', 'a b'),
+  ];
+}
+"""
+
+
+def test_websocket_url_follows_the_page_over_http_and_tls(playwright, page_gateway: Gateway) -> None:
+    browser = launch(playwright)
+    try:
+        page = browser.page(f"{page_gateway.url}/demo/")
+        assert page.evaluate(URLS_JS) == [
+            "ws://localhost:8080/v1/realtime?model=glm-4-voice",
+            "wss://voice.example.com/v1/realtime?model=glm-4-voice",
+            "wss://example.com/glmv/v1/realtime?model=a%20b",  # behind a proxy under a path prefix
+        ]
     finally:
         browser.close()

@@ -83,11 +83,14 @@ function clearError() {
 function bubble(role) {
   const li = document.createElement("li");
   li.className = role;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "you" : "assistant";
   const text = document.createElement("span");
   text.className = "text";
   const meta = document.createElement("span");
   meta.className = "meta";
-  li.append(text, meta);
+  li.append(who, text, meta);
   ui.transcript.append(li);
   li.scrollIntoView({ block: "end" });
   return li;
@@ -202,12 +205,16 @@ function sentAt(audioMs) {
 
 // --- playback -------------------------------------------------------------------------------------
 
+function countPlayed() {
+  let total = 0;
+  for (const v of Object.values(state.lastPlayed)) total += v;
+  stats.samplesPlayed = total;
+}
+
 function onPlayback(msg) {
   if (msg.type === "progress" || msg.type === "flushed") {
     state.lastPlayed = msg.played || {};
-    let total = 0;
-    for (const v of Object.values(state.lastPlayed)) total += v;
-    stats.samplesPlayed = total;
+    countPlayed();
     if (msg.underruns !== undefined) stats.underruns = msg.underruns;
   } else if (msg.type === "item-start") {
     const item = state.items.get(msg.item);
@@ -221,6 +228,7 @@ function onPlayback(msg) {
       stats.itemsPlayed += 1;
     }
     state.lastPlayed[msg.item] = msg.played;
+    countPlayed();
     setButtons();
   }
 }
@@ -270,7 +278,7 @@ function onEvent(event) {
       stats.speechStarted += 1;
       if (audibleItem()) interrupt("speech");
       const li = bubble("user");
-      li.querySelector(".text").textContent = "🎤 …";
+      li.querySelector(".text").textContent = "speaking…";
       state.user = { itemId: event.item_id, startMs: event.audio_start_ms, bubble: li, transcript: "" };
       break;
     }
@@ -282,7 +290,7 @@ function onEvent(event) {
       user.endedAt = mapped !== null ? Math.min(mapped, now) : now;
       if (typeof event.audio_end_ms === "number" && typeof user.startMs === "number") {
         const seconds = (event.audio_end_ms - user.startMs) / 1000;
-        if (!user.transcript) user.bubble.querySelector(".text").textContent = `🎤 speech`;
+        if (!user.transcript) user.bubble.querySelector(".text").textContent = "(speech)";
         user.bubble.querySelector(".meta").textContent = `${seconds.toFixed(1)} s`;
       }
       state.user = user;
@@ -403,7 +411,8 @@ function finishTurn(response) {
   metric("total", ms(record.totalMs));
   metric("audio-tokens", record.audioTokens ?? "–");
   metric("text-tokens", record.textTokens ?? "–");
-  metric("status", record.reason ? `${record.status} (${record.reason})` : record.status);
+  const reasons = { max_output_tokens: "token limit", turn_detected: "you spoke", client_cancelled: "stopped" };
+  metric("status", record.reason ? `${record.status}: ${reasons[record.reason] || record.reason}` : record.status);
   if (record.firstAudioMs === null) metric("first-audio", "–");
   const meta = turn.bubble.querySelector(".meta");
   if (!turn.bubble.classList.contains("cut")) {
