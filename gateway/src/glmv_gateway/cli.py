@@ -99,6 +99,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
     stack = LocalStack(models=models, ports=ports, log_dir=Path(args.logs))
     stack.start()
     print(f"gateway: {stack.gateway_url} (API key: {stack.api_key}); docs at {stack.gateway_url}/docs")
+    page = f"http://localhost:{stack.ports['gateway']}/demo/"
+    print(f"talk page: {page}")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(page):
+            print(f"no browser could be started here: open {page} yourself", file=sys.stderr)
     print("Ctrl-C stops the stack")
     try:
         while all(p.poll() is None for p in stack.procs.values()):
@@ -163,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--port-base", type=int, default=50051)
     up.add_argument("--logs", default=".run/logs")
+    up.add_argument("--open", action="store_true", help="open the browser talk page when the stack is up")
     up.set_defaults(func=cmd_stack)
 
     demo = sub.add_parser("demo", help="one spoken turn through the whole local stack on dev checkpoints")

@@ -89,6 +89,18 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="On SIGTERM: stop accepting connections, let running turns finish for up to this long.",
     )
+    demo_page: bool = Field(
+        False,
+        description="Serve the browser talk page at / and /demo/ (on in the local stack, off in images).",
+    )
+    demo_api_key: str = Field(
+        "",
+        description="API key the talk page's short-lived client secrets are minted for (server-side; "
+        "the key never reaches the browser). Needed when demo_page is on.",
+    )
+    demo_model: str = Field(
+        "glm-4-voice", description="Model name the talk page asks the realtime endpoint for."
+    )
     log_level: str = Field("INFO")
     log_format: Literal["json", "text"] = Field("json")
 

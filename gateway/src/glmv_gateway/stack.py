@@ -207,6 +207,9 @@ class LocalStack:
                 "GLMV_GATEWAY_LOG_FORMAT": env.get("GLMV_GATEWAY_LOG_FORMAT", "text"),
                 "GLMV_GATEWAY_BROKER_URL": env.get("GLMV_GATEWAY_BROKER_URL", self.broker_url),
                 "GLMV_GATEWAY_JOBS_DIR": env.get("GLMV_GATEWAY_JOBS_DIR", str(self.jobs_dir)),
+                # the browser talk page is on in the local stack, its secrets minted for the stack's key
+                "GLMV_GATEWAY_DEMO_PAGE": env.get("GLMV_GATEWAY_DEMO_PAGE", "true"),
+                "GLMV_GATEWAY_DEMO_API_KEY": env.get("GLMV_GATEWAY_DEMO_API_KEY", self.api_key),
             }
         )
         self.gateway_env_resolved = env

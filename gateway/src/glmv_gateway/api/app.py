@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import health, jobs, models, sessions, turns, ws
+from glmv_gateway.api import demo, health, jobs, models, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.realtime import router as realtime
 from glmv_gateway.api.realtime import secrets as realtime_secrets
@@ -67,6 +67,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(realtime.router)
     app.include_router(realtime_secrets.router)
+    if settings.demo_page:
+        app.include_router(demo.router)
     return app
 
 
