@@ -118,6 +118,45 @@ def cmd_make_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from glmv_gateway.download import DownloadError, DownloadSettings, download_component, settings_lines
+
+    overrides = {
+        k: v
+        for k, v in {
+            "endpoint": args.endpoint,
+            "revision": args.revision,
+            "tokenizer_repo": args.tokenizer_repo,
+            "lm_repo": args.lm_repo,
+            "decoder_repo": args.decoder_repo,
+        }.items()
+        if v is not None
+    }
+    unknown = sorted(set(args.components) - set(COMPONENTS))
+    if unknown:
+        print(
+            f"glmv: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    settings = DownloadSettings(**overrides)
+    out = Path(args.out)
+    done = []
+    try:
+        for component in args.components or COMPONENTS:
+            print(f"{component}: fetching {getattr(settings, f'{component}_repo')}@{settings.revision}")
+            got = download_component(component, out, settings, progress=not args.quiet)
+            print(f"{component}: {got.path} (commit {got.commit}) — layout check passed")
+            done.append(got)
+    except DownloadError as exc:
+        print(f"glmv: {exc}", file=sys.stderr)
+        return 1
+    print("settings that point the stack at these checkpoints:")
+    for line in settings_lines(done, out):
+        print(f"  {line}")
+    return 0
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from glmv_gateway.api.app import main
 
@@ -152,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     make_dev.add_argument("--seed", type=int, default=0)
     make_dev.add_argument("--force", action="store_true")
     make_dev.set_defaults(func=cmd_make_dev)
+    download = models.add_parser(
+        "download",
+        help="fetch the published checkpoints from the Hugging Face hub (or a mirror), resumably, "
+        "only the files each service reads, then check each directory",
+    )
+    download.add_argument("--out", default="models", help="root: <out>/tokenizer, <out>/lm, <out>/decoder")
+    download.add_argument(
+        "components", nargs="*", metavar="COMPONENT", help="tokenizer, lm, decoder (default: all three)"
+    )
+    download.add_argument("--endpoint", help="hub endpoint or mirror URL (env GLMV_MODELS_ENDPOINT)")
+    download.add_argument("--revision", help="branch, tag or commit (env GLMV_MODELS_REVISION)")
+    for component in COMPONENTS:
+        download.add_argument(f"--{component}-repo", help=f"{component} repository id")
+    download.add_argument("--quiet", action="store_true", help="no progress bars")
+    download.set_defaults(func=cmd_download)
 
     stack = sub.add_parser("stack", help="local stack as processes").add_subparsers(
         dest="stack_cmd", required=True
