@@ -117,19 +117,23 @@ dump_and_down() {
     done
   fi
   log "tearing the stack down"
+  for id in $(podman ps -aq --filter label=glmvoice.rollout); do podman rm -f -t 5 "$id" >/dev/null 2>&1 || true; done
   compose down -v -t 10 >"$WORK/compose-down.log" 2>&1 || true
-  [ -n "${ROLLOUT_STATE:-}" ] && podman rm -f -t 5 $(podman ps -aq --filter label=glmvoice.rollout) \
-    >/dev/null 2>&1 || true
+  if [ -n "${API_PID:-}" ]; then kill "$API_PID" 2>/dev/null || true; fi
   if [ $rc -eq 0 ]; then log "passed in $((SECONDS - T0)) s"; else log "FAILED (exit $rc)"; fi
   exit $rc
 }
+for id in $(podman ps -aq --filter label=glmvoice.rollout); do podman rm -f -t 5 "$id" >/dev/null 2>&1 || true; done
 compose down -v -t 5 >/dev/null 2>&1 || true
 
 log "dev checkpoints"
 .venv/bin/glmv models make-dev --out "$WORK/models" >/dev/null
 chmod -R a+rX "$WORK/models"
 port=$("$PY" -c 'from glmv_gateway.stack import free_port; print(free_port())')
+rm -rf "$WORK/versions" && mkdir -p "$WORK/versions" && cp deploy/compose/versions.json "$WORK/versions/"
+chmod -R a+rX "$WORK/versions"
 export GLMV_MODELS_DIR=$WORK/models GLMV_GATEWAY_PUBLISH=$port GLMV_REDIS_IMAGE=glmvoice/redis:7
+export GLMV_VERSIONS_DIR=$WORK/versions GLMV_GATEWAY_VERSIONS_FILE=/etc/glmvoice/versions/versions.json
 export COMPOSE_PROFILES=cpu
 trap dump_and_down EXIT
 log "compose up (project $PROJECT, gateway on 127.0.0.1:$port)"
@@ -154,3 +158,31 @@ log "stack ready; one turn through the containerised gateway"
   --out "$WORK/reply.wav" | tee "$WORK/turn.log"
 [ -s "$WORK/reply.wav" ] || { log "FAILED: the turn returned no audio"; exit 1; }
 log "turn spoken: $(grep -o 'reply audio: .*' "$WORK/turn.log")"
+
+# --- a rollout with the Docker SDK while sessions talk --------------------------------------------------
+if ! podman run --rm --entrypoint python glmvoice/gateway:0.1.0 -c "import glmv_gateway.versions" 2>/dev/null; then
+  log "rollout stage SKIPPED: this gateway has no component version registry (glmv_gateway.versions)"
+  exit 0
+fi
+log "rollout: podman's Docker-compatible API socket"
+sock="$WORK/podman.sock"
+rm -f "$sock"
+podman system service --time=0 "unix://$sock" >"$WORK/podman-service.log" 2>&1 &
+API_PID=$!
+for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.1; done
+[ -S "$sock" ] || { log "FAILED: podman system service did not open $sock"; exit 1; }
+.venv/bin/glmv-decoder make-dev --out "$WORK/models-v2/decoder" --seed 1 >/dev/null
+.venv/bin/glmv-decoder make-dev --out "$WORK/models-v3/decoder" --seed 2 --codebook-size 32 >/dev/null
+chmod -R a+rX "$WORK/models-v2" "$WORK/models-v3"
+network="${PROJECT}_glmv"
+rollout_cmd() {  # version, model dir -> the glmv rollout command as a JSON list
+  "$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' .venv/bin/glmv rollout decoder \
+    --version "$1" --image glmvoice/decoder:0.1.0 --model-dir "$2" \
+    --versions-file "$WORK/versions/versions.json" --network "$network" --canary-seconds 5 \
+    --health-timeout 240 --drain-timeout 60 --docker-host "unix://$sock"
+}
+"$PY" scripts/ci/rollout_check.py --url "http://127.0.0.1:$port" \
+  --versions-file "$WORK/versions/versions.json" \
+  --rollout "$(rollout_cmd v2 "$WORK/models-v2/decoder")" \
+  --bad-rollout "$(rollout_cmd v3 "$WORK/models-v3/decoder")" --bad-container glmvoice-decoder-v3
+log "rollout stage passed"

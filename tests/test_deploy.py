@@ -213,3 +213,12 @@ def test_compose_matches_the_dockerfiles() -> None:
         assert "ARG BASE_IMAGE=" in dockerfile and "ARG TORCH_INDEX=" in dockerfile
     assert compose["worker"]["entrypoint"] == ["glmv", "worker"]
     assert "torch" not in (ROOT / "gateway" / "pyproject.toml").read_text()
+
+
+def test_the_prometheus_adapter_exposes_every_hpa_metric_and_the_services_export_them() -> None:
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    exposed = {rule["name"]["as"] for rule in values["rules"]["custom"]}
+    assert exposed == set(LOAD_METRICS.values())
+    sources = "".join(p.read_text() for p in (ROOT / "services").glob("*/src/**/*.py"))
+    for metric in exposed:
+        assert f'Gauge("{metric}"' in sources, metric
