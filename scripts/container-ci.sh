@@ -20,6 +20,7 @@ PROJECT=glmvoice-ci
 DEBIAN_IMAGE=localhost/glmvoice-ci/debian:bookworm
 PY=.venv/bin/python
 T0=$SECONDS
+PASSED=0  # checks passed, for the closing "N passed, N failed" line
 
 log() { printf 'container-ci [%4ss]: %s\n' "$((SECONDS - T0))" "$*" >&2; }
 skip() {
@@ -97,10 +98,12 @@ cert=${PIP_CERT:-$("$PY" -m pip config get global.cert 2>/dev/null || true)}
 [ -f "$cert" ] && export GLMV_PIP_CERT=$cert
 export GLMV_DEBIAN_IMAGE=$DEBIAN_IMAGE GLMV_BUILD_LOGS=$WORK/build-logs
 scripts/build-images.sh podman
+PASSED=$((PASSED + 1))
 
 if podman run --rm --entrypoint python glmvoice/gateway:0.1.0 -c \
   "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') is None else 1)"; then
   log "gateway image: no torch"
+  PASSED=$((PASSED + 1))
 else
   log "FAILED: the gateway image has torch installed"
   exit 1
@@ -121,6 +124,7 @@ dump_and_down() {
   compose down -v -t 10 >"$WORK/compose-down.log" 2>&1 || true
   if [ -n "${API_PID:-}" ]; then kill "$API_PID" 2>/dev/null || true; fi
   if [ $rc -eq 0 ]; then log "passed in $((SECONDS - T0)) s"; else log "FAILED (exit $rc)"; fi
+  echo "container-ci: $PASSED passed, $((rc != 0)) failed"
   exit $rc
 }
 for id in $(podman ps -aq --filter label=glmvoice.rollout); do podman rm -f -t 5 "$id" >/dev/null 2>&1 || true; done
@@ -158,6 +162,7 @@ log "stack ready; one turn through the containerised gateway"
   --out "$WORK/reply.wav" | tee "$WORK/turn.log"
 [ -s "$WORK/reply.wav" ] || { log "FAILED: the turn returned no audio"; exit 1; }
 log "turn spoken: $(grep -o 'reply audio: .*' "$WORK/turn.log")"
+PASSED=$((PASSED + 1))
 
 # --- a rollout with the Docker SDK while sessions talk --------------------------------------------------
 if ! podman run --rm --entrypoint python glmvoice/gateway:0.1.0 -c "import glmv_gateway.versions" 2>/dev/null; then
@@ -185,4 +190,5 @@ rollout_cmd() {  # version, model dir -> the glmv rollout command as a JSON list
   --versions-file "$WORK/versions/versions.json" \
   --rollout "$(rollout_cmd v2 "$WORK/models-v2/decoder")" \
   --bad-rollout "$(rollout_cmd v3 "$WORK/models-v3/decoder")" --bad-container glmvoice-decoder-v3
+PASSED=$((PASSED + 2))
 log "rollout stage passed"
