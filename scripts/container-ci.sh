@@ -100,7 +100,7 @@ export GLMV_DEBIAN_IMAGE=$DEBIAN_IMAGE GLMV_BUILD_LOGS=$WORK/build-logs
 scripts/build-images.sh podman
 PASSED=$((PASSED + 1))
 
-if podman run --rm --entrypoint python glmvoice/gateway:0.1.0 -c \
+if podman run --rm --no-healthcheck --entrypoint python glmvoice/gateway:0.1.0 -c \
   "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') is None else 1)"; then
   log "gateway image: no torch"
   PASSED=$((PASSED + 1))
@@ -138,7 +138,7 @@ rm -rf "$WORK/versions" && mkdir -p "$WORK/versions" && cp deploy/compose/versio
 chmod -R a+rX "$WORK/versions"
 export GLMV_MODELS_DIR=$WORK/models GLMV_GATEWAY_PUBLISH=$port GLMV_REDIS_IMAGE=glmvoice/redis:7
 export GLMV_VERSIONS_DIR=$WORK/versions GLMV_GATEWAY_VERSIONS_FILE=/etc/glmvoice/versions/versions.json
-export COMPOSE_PROFILES=cpu
+export COMPOSE_PROFILES=cpu GLMV_TORCH_THREADS=1  # three model services on a small CI machine
 trap dump_and_down EXIT
 log "compose up (project $PROJECT, gateway on 127.0.0.1:$port)"
 compose up -d --no-build >"$WORK/compose-up.log" 2>&1 || { tail -n 30 "$WORK/compose-up.log" >&2; exit 1; }
@@ -165,7 +165,8 @@ log "turn spoken: $(grep -o 'reply audio: .*' "$WORK/turn.log")"
 PASSED=$((PASSED + 1))
 
 # --- a rollout with the Docker SDK while sessions talk --------------------------------------------------
-if ! podman run --rm --entrypoint python glmvoice/gateway:0.1.0 -c "import glmv_gateway.versions" 2>/dev/null; then
+if ! podman run --rm --no-healthcheck --entrypoint python glmvoice/gateway:0.1.0 -c "import glmv_gateway.versions" \
+  2>/dev/null; then
   log "rollout stage SKIPPED: this gateway has no component version registry (glmv_gateway.versions)"
   exit 0
 fi
@@ -184,7 +185,7 @@ rollout_cmd() {  # version, model dir -> the glmv rollout command as a JSON list
   "$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' .venv/bin/glmv rollout decoder \
     --version "$1" --image glmvoice/decoder:0.1.0 --model-dir "$2" \
     --versions-file "$WORK/versions/versions.json" --network "$network" --canary-seconds 5 \
-    --health-timeout 240 --drain-timeout 60 --docker-host "unix://$sock"
+    --health-timeout 240 --drain-timeout 60 --env GLMV_DECODER_TORCH_THREADS=1 --docker-host "unix://$sock"
 }
 "$PY" scripts/ci/rollout_check.py --url "http://127.0.0.1:$port" \
   --versions-file "$WORK/versions/versions.json" \

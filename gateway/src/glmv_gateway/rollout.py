@@ -188,6 +188,10 @@ class Rollout:
                 return container
         return None
 
+    @staticmethod
+    def _host(address: str) -> str:
+        return address.removeprefix("dns:///").rpartition(":")[0]
+
     def reachable(self, address: str) -> str:
         """``address`` as this host reaches it: a container on the network by its IP, else as given."""
         host, _, port = address.removeprefix("dns:///").rpartition(":")
@@ -299,6 +303,17 @@ class Rollout:
                 total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
         return total
 
+    def wait_idle(self, containers: list[Any]) -> None:
+        """Until no old container streams (or the drain timeout passes)."""
+        deadline = time.monotonic() + self.plan.drain_timeout_s
+        active: list[float | None] = []
+        while time.monotonic() < deadline:
+            active = [self.active_streams(c) for c in containers]
+            if not any(active):
+                return
+            self.sleep(0.2)
+        self._log("old versions still stream; removing them from the registry anyway", active=active)
+
     def retire(self, container: Any, version_id: str) -> None:
         """Wait for the old version's streams to end, then SIGTERM (the service drains) and remove it."""
         deadline = time.monotonic() + self.plan.drain_timeout_s
@@ -382,13 +397,16 @@ class Rollout:
             raise RolloutError(f"step {self.step}: {exc}") from exc
 
         self.step = 6
+        # Remove the old versions at a moment when none streams (bounded): the gateways close a removed
+        # version's channel after a short grace, which a long in-flight stream would outlast.
+        olds = [c for e in old for c in (self._find(self._host(a)) for a in e.get("addresses", [])) if c]
+        self.wait_idle(olds)
         final = json.loads(json.dumps(shifted))
         final[plan.component] = [e for e in shifted[plan.component] if e["id"] == plan.version]
         self._publish(final, "old versions removed from the registry; their sessions move at the next turn")
         for entry in old:
             for address in entry.get("addresses", []):
-                host = address.removeprefix("dns:///").rpartition(":")[0]
-                old_container = self._find(host)
+                old_container = self._find(self._host(address))
                 if old_container is None:
                     self._log("no container found for an old version; stop it yourself", old=entry["id"])
                     continue
