@@ -190,6 +190,7 @@ rollout_cmd() {  # version, model dir -> the glmv rollout command as a JSON list
 "$PY" scripts/ci/rollout_check.py --url "http://127.0.0.1:$port" \
   --versions-file "$WORK/versions/versions.json" \
   --rollout "$(rollout_cmd v2 "$WORK/models-v2/decoder")" \
-  --bad-rollout "$(rollout_cmd v3 "$WORK/models-v3/decoder")" --bad-container glmvoice-decoder-v3
+  --bad-rollout "$(rollout_cmd v3 "$WORK/models-v3/decoder")" --bad-container glmvoice-decoder-v3 \
+  --old-container "${PROJECT}_decoder_1"
 PASSED=$((PASSED + 2))
 log "rollout stage passed"

@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--rollout", required=True, help="the glmv rollout command (JSON list)")
     parser.add_argument("--bad-rollout", required=True, help="an incompatible version's (JSON list)")
     parser.add_argument("--bad-container", required=True)
+    parser.add_argument("--old-container", required=True, help="the decoder v1 container")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -112,7 +113,10 @@ def main() -> int:
     registry = json.loads(args.versions_file.read_text())
     if [v["id"] for v in registry["decoder"]] != ["v2"]:
         fail(f"the registry file lists {registry['decoder']}")
-    say("rollout to v2: no turn dropped; old sessions moved, new ones land on v2")
+    running = subprocess.run(["podman", "ps", "--format", "{{.Names}}"], capture_output=True, text=True)
+    if args.old_container in running.stdout.split():
+        fail(f"the old decoder container {args.old_container} still runs")
+    say("rollout to v2: no turn dropped; old sessions moved, new ones land on v2; v1 stopped")
 
     before = args.versions_file.read_text()
     bad = subprocess.run(json.loads(args.bad_rollout))

@@ -322,14 +322,21 @@ class Rollout:
             self.sleep(0.5)
             active = self.active_streams(container)
         self._log("stopping the old version with SIGTERM", old=version_id, name=container.name, active=active)
-        container.kill(signal="SIGTERM")
+        # `stop` (not a bare kill): SIGTERM, then SIGKILL after the timeout, and a restart policy such
+        # as compose's unless-stopped does not bring the container back.
         try:
-            container.wait(timeout=self.plan.stop_timeout_s)
-        except Exception:
-            self._log("old version did not stop in time; killing it", old=version_id, name=container.name)
-            container.kill(signal="SIGKILL")
-            container.wait(timeout=30)
-        container.remove(force=True)
+            container.stop(timeout=int(self.plan.stop_timeout_s))
+        except Exception as exc:
+            raise RolloutError(f"stopping {container.name} failed: {exc}") from None
+        container.reload()
+        self._log("old version stopped", old=version_id, name=container.name, status=container.status)
+        try:
+            container.remove()
+        except Exception as exc:  # e.g. compose made other containers depend on it: compose removes it
+            self._log(
+                "old container stopped but not removed", old=version_id, name=container.name, why=str(exc)
+            )
+            return
         self._log("old version removed", old=version_id, name=container.name)
 
     def run(self) -> None:
