@@ -185,7 +185,7 @@ rollout_cmd() {  # version, model dir -> the glmv rollout command as a JSON list
   "$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' .venv/bin/glmv rollout decoder \
     --version "$1" --image glmvoice/decoder:0.1.0 --model-dir "$2" \
     --versions-file "$WORK/versions/versions.json" --network "$network" --canary-seconds 5 \
-    --health-timeout 240 --drain-timeout 60 --env GLMV_DECODER_TORCH_THREADS=1 --docker-host "unix://$sock"
+    --health-timeout 240 --drain-timeout 15 --env GLMV_DECODER_TORCH_THREADS=1 --docker-host "unix://$sock"
 }
 "$PY" scripts/ci/rollout_check.py --url "http://127.0.0.1:$port" \
   --versions-file "$WORK/versions/versions.json" \
