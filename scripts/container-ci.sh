@@ -98,6 +98,7 @@ cert=${PIP_CERT:-$("$PY" -m pip config get global.cert 2>/dev/null || true)}
 [ -f "$cert" ] && export GLMV_PIP_CERT=$cert
 export GLMV_DEBIAN_IMAGE=$DEBIAN_IMAGE GLMV_BUILD_LOGS=$WORK/build-logs
 scripts/build-images.sh podman
+podman image prune -f >/dev/null  # images the rebuilt tags replaced (their layers stay cached)
 PASSED=$((PASSED + 1))
 
 if podman run --rm --no-healthcheck --entrypoint python glmvoice/gateway:0.1.0 -c \
