@@ -125,6 +125,89 @@ def cmd_make_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from glmv_gateway.download import DownloadError, DownloadSettings, download_component, settings_lines
+
+    overrides = {
+        k: v
+        for k, v in {
+            "endpoint": args.endpoint,
+            "revision": args.revision,
+            "tokenizer_repo": args.tokenizer_repo,
+            "lm_repo": args.lm_repo,
+            "decoder_repo": args.decoder_repo,
+        }.items()
+        if v is not None
+    }
+    unknown = sorted(set(args.components) - set(COMPONENTS))
+    if unknown:
+        print(
+            f"glmv: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    settings = DownloadSettings(**overrides)
+    out = Path(args.out)
+    done = []
+    try:
+        for component in args.components or COMPONENTS:
+            print(f"{component}: fetching {getattr(settings, f'{component}_repo')}@{settings.revision}")
+            got = download_component(component, out, settings, progress=not args.quiet)
+            print(f"{component}: {got.path} (commit {got.commit}) — layout check passed")
+            done.append(got)
+    except DownloadError as exc:
+        print(f"glmv: {exc}", file=sys.stderr)
+        return 1
+    print("settings that point the stack at these checkpoints:")
+    for line in settings_lines(done, out):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from glmv_common.logs import setup_logging
+    from glmv_gateway.rollout import Rollout, RolloutError, RolloutPlan
+
+    setup_logging("rollout", fmt=args.log_format)
+    try:
+        import docker
+    except ImportError:
+        print("glmv: glmv rollout needs the Docker SDK: pip install 'glmv-gateway[ops]'", file=sys.stderr)
+        return 2
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"glmv: --env {item!r}: use NAME=VALUE", file=sys.stderr)
+            return 2
+        env[key] = value
+    try:
+        plan = RolloutPlan(
+            component=args.component,
+            version=args.version,
+            image=args.image,
+            model_dir=Path(args.model_dir),
+            registry_file=Path(args.versions_file),
+            network=args.network,
+            container_name=args.name or "",
+            lm_addr=args.lm_addr,
+            canary_weight=args.canary_weight,
+            canary_s=args.canary_seconds,
+            health_timeout_s=args.health_timeout,
+            drain_timeout_s=args.drain_timeout,
+            env=env,
+        )
+        client = docker.DockerClient(base_url=args.docker_host) if args.docker_host else docker.from_env()
+        Rollout(plan, client).run()
+    except RolloutError as exc:
+        print(f"glmv: rollout failed (rolled back): {exc}", file=sys.stderr)
+        return 1
+    except docker.errors.DockerException as exc:
+        print(f"glmv: cannot reach the container engine: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from glmv_gateway.api.app import main
 
@@ -159,6 +242,43 @@ def build_parser() -> argparse.ArgumentParser:
     make_dev.add_argument("--seed", type=int, default=0)
     make_dev.add_argument("--force", action="store_true")
     make_dev.set_defaults(func=cmd_make_dev)
+    download = models.add_parser(
+        "download",
+        help="fetch the published checkpoints from the Hugging Face hub (or a mirror), resumably, "
+        "only the files each service reads, then check each directory",
+    )
+    download.add_argument("--out", default="models", help="root: <out>/tokenizer, <out>/lm, <out>/decoder")
+    download.add_argument(
+        "components", nargs="*", metavar="COMPONENT", help="tokenizer, lm, decoder (default: all three)"
+    )
+    download.add_argument("--endpoint", help="hub endpoint or mirror URL (env GLMV_MODELS_ENDPOINT)")
+    download.add_argument("--revision", help="branch, tag or commit (env GLMV_MODELS_REVISION)")
+    for component in COMPONENTS:
+        download.add_argument(f"--{component}-repo", help=f"{component} repository id")
+    download.add_argument("--quiet", action="store_true", help="no progress bars")
+    download.set_defaults(func=cmd_download)
+
+    rollout = sub.add_parser(
+        "rollout",
+        help="single host: start a new tokenizer/decoder version's container, check it, shift traffic "
+        "in the versions file (canary, then all), drain and remove the old one; rolls back on failure",
+    )
+    rollout.add_argument("component", choices=["decoder", "tokenizer"])
+    rollout.add_argument("--version", required=True, help="the new version's id in the registry (e.g. v2)")
+    rollout.add_argument("--image", required=True, help="its image (e.g. glmvoice/decoder:0.2.0)")
+    rollout.add_argument("--model-dir", required=True, help="its checkpoint directory on this host")
+    rollout.add_argument("--versions-file", required=True, help="the gateways' GLMV_GATEWAY_VERSIONS_FILE")
+    rollout.add_argument("--network", required=True, help="the stack's container network")
+    rollout.add_argument("--name", help="container name (default glmvoice-<component>-<version>)")
+    rollout.add_argument("--lm-addr", default="lm:50052", help="the LM, as named on the network")
+    rollout.add_argument("--canary-weight", type=float, default=0.1, help="share of new sessions first")
+    rollout.add_argument("--canary-seconds", type=float, default=30.0, help="how long the canary runs")
+    rollout.add_argument("--health-timeout", type=float, default=300.0, help="seconds to reach SERVING")
+    rollout.add_argument("--drain-timeout", type=float, default=120.0, help="seconds for old streams to end")
+    rollout.add_argument("--env", action="append", default=[], help="NAME=VALUE for the new container")
+    rollout.add_argument("--docker-host", help="engine API URL (default: DOCKER_HOST)")
+    rollout.add_argument("--log-format", choices=["text", "json"], default="text")
+    rollout.set_defaults(func=cmd_rollout)
 
     stack = sub.add_parser("stack", help="local stack as processes").add_subparsers(
         dest="stack_cmd", required=True
