@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
+OutputRate = Literal[8000, 16000, 22050, 24000, 48000]
+ChunkSize = Annotated[int, Field(ge=1, le=1000)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Style(Strict):
@@ -24,15 +26,8 @@ class Style(Strict):
 
 
 class OutputAudio(Strict):
-    sample_rate: int = Field(22050, description="8000, 16000, 22050 (native), 24000 or 48000 Hz")
+    sample_rate: OutputRate = Field(22050, description="8000, 16000, 22050 (native), 24000 or 48000 Hz")
     encoding: Literal["pcm16", "float32", "mulaw", "alaw"] = "pcm16"
-
-    @field_validator("sample_rate")
-    @classmethod
-    def _rate(cls, value: int) -> int:
-        if value not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}")
-        return value
 
 
 class SessionSettings(Strict):
@@ -51,16 +46,12 @@ class SessionSettings(Strict):
     seed: int | None = Field(None, ge=0, description="LM sampling seed (reproducible replies)")
     decoder_seed: int | None = Field(None, ge=0, description="Flow-matching noise seed (default 42)")
     output: OutputAudio = Field(default_factory=OutputAudio)
-    chunk_schedule: list[int] | None = Field(
-        None, min_length=1, max_length=32, description="Audio tokens per decoder chunk; last repeats"
+    chunk_schedule: list[ChunkSize] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Audio tokens per decoder chunk (1..1000 each); the last size repeats",
     )
-
-    @field_validator("chunk_schedule")
-    @classmethod
-    def _schedule(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(not 1 <= v <= 1000 for v in value):
-            raise ValueError("chunk sizes must be between 1 and 1000 tokens")
-        return value
 
 
 class SessionPatch(Strict):
@@ -77,7 +68,7 @@ class SessionPatch(Strict):
     seed: int | None = Field(None, ge=0)
     decoder_seed: int | None = Field(None, ge=0)
     output: OutputAudio | None = None
-    chunk_schedule: list[int] | None = Field(None, min_length=1, max_length=32)
+    chunk_schedule: list[ChunkSize] | None = Field(None, min_length=1, max_length=32)
 
 
 class TextTurn(Strict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ import redis.asyncio as aioredis
 
 PREFIX = "glmv"
 
+# Session ids are what :meth:`SessionStore.create` makes: 32 lowercase hex digits. Anything else (a
+# ``:`` in particular) could name another key, so it is refused before Redis is asked.
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
 """
@@ -35,6 +40,10 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 
 class SessionNotFound(LookupError):
     pass
+
+
+def valid_session_id(session_id: str) -> bool:
+    return isinstance(session_id, str) and SESSION_ID.fullmatch(session_id) is not None
 
 
 class SessionBusy(RuntimeError):
@@ -88,6 +97,8 @@ class SessionStore:
 
     @staticmethod
     def _key(session_id: str, suffix: str = "") -> str:
+        if not valid_session_id(session_id):
+            raise SessionNotFound(session_id)
         return f"{PREFIX}:session:{session_id}{':' + suffix if suffix else ''}"
 
     async def ping(self) -> bool:

@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from glmv_common.logs import get_logger, kv, setup_logging
 from glmv_gateway.api import health, jobs, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
+from glmv_gateway.api.limits import SettingsBodyLimit
+from glmv_gateway.api.options import OptionsResponder
 from glmv_gateway.api.state import AppState
 from glmv_gateway.clients import ServiceClients, compatibility_problems
 from glmv_gateway.jobs.worker import make_celery
@@ -51,6 +53,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(SettingsBodyLimit, limit=settings.max_settings_bytes)
+    app.add_middleware(OptionsResponder)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(turns.router)
