@@ -196,7 +196,9 @@ def test_sniff_format() -> None:
     assert audio.sniff_format(b"\x00") is None
 
 
-@pytest.mark.parametrize("data", [b"RIFF\x24\x00\x00\x00WAVEfmt garbage", b"fLaC" + b"\x00" * 50, b"OggS" * 3])
+@pytest.mark.parametrize(
+    "data", [b"RIFF\x24\x00\x00\x00WAVEfmt garbage", b"fLaC" + b"\x00" * 50, b"OggS" * 3]
+)
 def test_decoder_messages_do_not_leak_object_reprs(data: bytes) -> None:
     with pytest.raises(AudioError) as err:
         audio.decode_file(data)

@@ -33,7 +33,7 @@ def test_deeply_nested_json_job_is_a_400(client: GatewayClient) -> None:
     )
     assert response.status_code == 400, response.text
     assert "nests deeper" in response.json()["error"]["message"]
-    response = client.http.post("/v1/jobs", data={"text": "hi", "options": DEEP})
+    response = client.http.post("/v1/jobs", files={"text": (None, "hi"), "options": (None, DEEP)})
     assert response.status_code == 400, response.text
     assert "options" in response.json()["error"]["message"]
     # the connection still works
@@ -48,7 +48,8 @@ def test_deeply_nested_or_huge_settings_bodies_are_refused(client: GatewayClient
         )
         assert response.status_code == 400, (method, response.text)
         big = b'{"style": {"free_text": "' + b"x" * (2 * 1024 * 1024) + b'"}}'
-        response = client.http.request(method, path, content=big, headers={"Content-Type": "application/json"})
+        json_type = {"Content-Type": "application/json"}
+        response = client.http.request(method, path, content=big, headers=json_type)
         assert response.status_code == 413, (method, response.text)
         assert "limit" in response.json()["error"]["message"]
 
@@ -80,7 +81,7 @@ def test_malformed_session_ids_are_404_and_touch_no_key(stack, client: GatewayCl
         ("DELETE", f"/v1/sessions/{bad}"),
         ("POST", f"/v1/sessions/{bad}/turns"),
     ):
-        kwargs = {"json": {"text": "hi"} if path.endswith("turns") else {}}
+        kwargs = {"json": {"text": "hi"} if method == "POST" else {}}
         response = client.http.request(method, path, **kwargs)
         assert response.status_code == 404, (method, path, response.text)
     assert redis_errors(stack) == errors
@@ -100,7 +101,6 @@ def test_strict_types_and_enums(client: GatewayClient) -> None:
         {"seed": True},
         {"top_k": 1.5},
         {"temperature": "0.5"},
-        {"output": {"sample_rate": 22050.0}},
         {"output": {"sample_rate": 11025}},
         {"chunk_schedule": [1001]},
         {"chunk_schedule": [True]},

@@ -1,6 +1,12 @@
 """Local stack without Docker: Redis (if none answers), the three model services and the gateway as
 processes on dev (or given) checkpoints; waits for readiness; stops everything cleanly.
 
+With ``supervise=True`` (what ``glmv stack up`` uses) a thread restarts any process that exits, on
+the same ports, after a backoff that doubles for each quick crash (0.5 s up to 30 s, reset once it
+has run for a minute), like compose's ``restart: unless-stopped``; the rest keeps serving and the
+gateway's /readyz answers 503 until the restarted service is SERVING again. Every child gets this
+process's pid in ``GLMV_PARENT_PID`` and stops by itself if the stack dies (even by SIGKILL).
+
 The gateway package itself has no torch: it only launches the services' console scripts.
 """
 
@@ -12,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +27,10 @@ import httpx
 
 COMPONENTS = ("tokenizer", "lm", "decoder")
 DEV_API_KEY = "dev-key"
+PARENT_ENV = "GLMV_PARENT_PID"
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
 
 
 class StackError(RuntimeError):
@@ -85,6 +96,14 @@ class LocalStack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _redis_proc: subprocess.Popen[bytes] | None = None
     gateway_env_resolved: dict[str, str] = field(default_factory=dict)
+    supervise: bool = False
+    restarts: list[dict[str, object]] = field(default_factory=list)
+    _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _started_at: dict[str, float] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -109,10 +128,15 @@ class LocalStack:
                 f"no Redis answers at {self.redis_url} and redis-server is not installed "
                 "(scripts/ensure-redis.sh installs and starts one)"
             )
+        # through the guard: redis-server cannot notice by itself that the stack died
         self._redis_proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", port or "6379", "--save", "", "--appendonly", "no"],
+            [
+                *(sys.executable, "-m", "glmv_common.parent", "--", binary),
+                *("--bind", "127.0.0.1", "--port", port or "6379", "--save", "", "--appendonly", "no"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
         deadline = time.monotonic() + 10
         while not redis_answers(host or "127.0.0.1", int(port or 6379)):
@@ -149,7 +173,56 @@ class LocalStack:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        env = {**env, PARENT_ENV: str(os.getpid())}
+        with self._lock:
+            self._commands[name] = (cmd, env)
+            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self._started_at[name] = time.monotonic()
+        if out is not subprocess.DEVNULL:
+            out.close()  # the child holds its own copy
+
+    # --- supervision ------------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        print(f"glmv stack: {message}", file=sys.stderr, flush=True)
+        if self.log_dir is not None:
+            with open(self.log_dir / "supervisor.log", "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    def start_supervisor(self) -> None:
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        pending: dict[str, float] = {}  # name -> monotonic time of its restart
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                for name, proc in list(self.procs.items()):
+                    if proc.poll() is None or name in pending:
+                        continue
+                    uptime = now - self._started_at.get(name, now)
+                    failures = 1 if uptime >= STABLE_AFTER_S else self._failures.get(name, 0) + 1
+                    self._failures[name] = failures
+                    delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (failures - 1))
+                    code = proc.returncode
+                    how = f"signal {-code}" if code < 0 else f"code {code}"
+                    self._say(
+                        f"{name} (pid {proc.pid}) exited with {how} after {uptime:.1f} s; "
+                        f"restarting in {delay:.1f} s (restart #{failures} in a row)"
+                    )
+                    self.restarts.append(
+                        {"name": name, "pid": proc.pid, "returncode": code, "delay_s": delay}
+                    )
+                    pending[name] = now + delay
+                for name, at in list(pending.items()):
+                    if now < at or self._stopping.is_set():
+                        continue
+                    del pending[name]
+                    cmd, env = self._commands[name]
+                    self._spawn(name, cmd, env)
+                    self._say(f"{name} restarted (pid {self.procs[name].pid})")
 
     def start_service(self, component: str) -> None:
         self._spawn(component, [script(f"glmv-{component}"), "serve"], self._env(component))
@@ -186,6 +259,8 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        if self.supervise:
+            self.start_supervisor()
         return self
 
     def start_worker(self, name: str = "worker") -> None:
@@ -222,6 +297,10 @@ class LocalStack:
         proc.wait(timeout=30)
 
     def stop(self, timeout: float = 20.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+            self._supervisor = None
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import health, jobs, sessions, turns, ws
+from glmv_common.parent import watch_parent
+from glmv_gateway.api import health, jobs, openapi, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.limits import SettingsBodyLimit
 from glmv_gateway.api.options import OptionsResponder
@@ -60,6 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(turns.router)
     app.include_router(ws.router)
     app.include_router(jobs.router)
+    openapi.install(app)
     return app
 
 
@@ -68,6 +70,7 @@ def main() -> None:
 
     settings = GatewaySettings()
     setup_logging("gateway", settings.log_level, settings.log_format)
+    watch_parent()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

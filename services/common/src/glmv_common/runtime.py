@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from glmv_common.errors import AudioError, InvalidRequest
 from glmv_common.logs import get_logger, kv, log_context, setup_logging
+from glmv_common.parent import watch_parent
 from glmv_common.settings import ServiceSettings
 
 log = get_logger("glmv.runtime")
@@ -358,6 +359,7 @@ async def start_service(
 async def serve(service: ModelService, settings: ServiceSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain. A failed model load ends the process with an error."""
     setup_logging(service.component, settings.log_level, settings.log_format)
+    watch_parent()
     running = await start_service(service, settings, wait_ready=False)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
