@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -356,11 +357,34 @@ async def start_service(
     return running
 
 
+def malloc_trim() -> bool:
+    """Hand the heap's free pages back to the OS (glibc); False where there is no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+async def trim_when_idle(state: _State, interval_s: float) -> None:
+    """``GLMV_MALLOC_TRIM_S``: every ``interval_s`` seconds with no call running, trim the heap.
+    Freed tensors' pages otherwise stay in glibc's arenas and the RSS only ever grows to its peak."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if state.active == 0 and state.ready:
+            await asyncio.to_thread(malloc_trim)
+
+
 async def serve(service: ModelService, settings: ServiceSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain. A failed model load ends the process with an error."""
     setup_logging(service.component, settings.log_level, settings.log_format)
     watch_parent()
     running = await start_service(service, settings, wait_ready=False)
+    trim_s = float(os.environ.get("GLMV_MALLOC_TRIM_S", "0") or 0)
+    trimmer = asyncio.create_task(trim_when_idle(running._state, trim_s)) if trim_s > 0 else None
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -374,6 +398,8 @@ async def serve(service: ModelService, settings: ServiceSettings) -> None:
         await running.stop(grace=0)
         raise SystemExit(f"{service.component}: {error}")
     await stop_requested.wait()
+    if trimmer is not None:
+        trimmer.cancel()
     await running.stop()
 
 
