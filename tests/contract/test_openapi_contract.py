@@ -17,6 +17,7 @@ from .conftest import stack_db, start_stack
 
 pytestmark = pytest.mark.slow
 ST = str(Path(sys.executable).parent / "st")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def contract_stack(dev_models, tmp_path_factory: pytest.TempPathFactory):
 
 def run_schemathesis(stack: LocalStack, tmp: Path, phases: str, max_examples: int, max_time: int) -> None:
     command = [
-        *(ST, "run", f"{stack.gateway_url}/openapi.json", "--url", stack.gateway_url),
+        *(ST, "--config-file", str(CONFIG), "run", f"{stack.gateway_url}/openapi.json"),
+        *("--url", stack.gateway_url),
         *("--checks", "all", "--phases", phases),
         *("-H", f"Authorization: Bearer {stack.api_key}"),
         *("--max-examples", str(max_examples), "--max-time", str(max_time), "--seed", "17"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
 OutputRate = Literal[8000, 16000, 22050, 24000, 48000]
@@ -12,7 +12,25 @@ ChunkSize = Annotated[int, Field(ge=1, le=1000)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """Unknown fields are refused, and so are booleans and strings where a number belongs
+    (``"seed": true`` is not 1, ``"top_k": "5"`` is not 5); an integral float such as ``5.0`` is
+    still the integer 5, as JSON Schema counts it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_numbers(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            kinds = str(field.annotation)
+            if name not in data or not any(k in kinds for k in ("int", "float")) or "Literal" in kinds:
+                continue
+            values = data[name] if isinstance(data[name], list) else [data[name]]
+            if any(isinstance(v, bool | str) for v in values):
+                raise ValueError(f"{name} must be a JSON number, not a boolean or a string")
+        return data
 
 
 class Style(Strict):

@@ -115,8 +115,13 @@ SESSION_LINKS = {
     "DeleteSession": {"operationId": "delete_session", "parameters": {"session_id": "$response.body#/id"}},
 }
 JOB_LINKS = {
-    "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}},
-    "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/id"}},
+    name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetJob", "get_job"),
+        ("CancelJob", "cancel_job"),
+        ("JobAudio", "job_audio"),
+        ("JobTranscript", "job_transcript"),
+    )
 }
 
 # per (method, path): the error answers it can give besides 401 and 503
@@ -173,8 +178,22 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                 continue
             operation["security"] = [{"ApiKey": []}]
             responses = operation.setdefault("responses", {})
-            responses.update(_errors("401", "503", *ERRORS.get(key, ())))
+            generated_422 = ("422",) if "422" in responses else ()  # FastAPI's, in our error schema
+            responses.update(_errors("401", "503", *generated_422, *ERRORS.get(key, ())))
     paths = schema["paths"]
+    paths["/metrics"]["get"]["responses"]["200"] = {
+        "description": "Prometheus text exposition",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    ready = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+    paths["/readyz"]["get"]["responses"] = {
+        "200": {"description": "Redis and every model service ready and compatible",
+                "content": {"application/json": {"schema": ready}}},
+        "503": {"description": "Not ready: the body says which part is not",
+                "content": {"application/json": {"schema": ready}}},
+    }
+    audio = paths["/v1/jobs/{job_id}/audio"]["get"]["responses"]
+    audio["200"] = {"description": "The reply as WAV", "content": {"audio/wav": BINARY}}
     turn = paths["/v1/sessions/{session_id}/turns"]["post"]
     turn["requestBody"] = _turn_body()
     turn["responses"]["200"] = {
