@@ -148,7 +148,7 @@ def main() -> int:
 
         env = {"OMP_NUM_THREADS": "1"}
         if args.malloc_trim:
-            env["GLMV_MALLOC_TRIM_S"] = "5"
+            env.update({f"GLMV_{c.upper()}_MALLOC_TRIM_S": "5" for c in ("tokenizer", "lm", "decoder")})
         stack = LocalStack(
             models=make_dev_models(Path(args.models)),
             redis_url=args.redis_url,

@@ -43,3 +43,24 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def readyz(url: str) -> int:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -40,14 +40,18 @@ def readyz(url: str) -> int:
 
 
 class StackUp:
-    def __init__(self, dev_models: dict[str, Path], tmp: Path) -> None:
+    def __init__(self, dev_models: dict[str, Path], tmp: Path, private_redis: bool = False) -> None:
         import redis
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = tmp / "logs"
-        redis_url = f"redis://127.0.0.1:{REDIS_PORT}/{stack_db('own')}"
-        redis.Redis.from_url(redis_url).flushdb()
+        if private_redis:  # the stack starts its own redis-server there
+            self.redis_port = free_port()
+            redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        else:
+            redis_url = f"redis://127.0.0.1:{REDIS_PORT}/{stack_db('own')}"
+            redis.Redis.from_url(redis_url).flushdb()
         glmv = str(Path(sys.executable).parent / "glmv")
         env = {
             **os.environ,
@@ -95,8 +99,8 @@ class StackUp:
 
 
 @pytest.fixture
-def stack_up(dev_models, tmp_path: Path):
-    running = StackUp(dev_models, tmp_path)
+def stack_up(dev_models, tmp_path: Path, request: pytest.FixtureRequest):
+    running = StackUp(dev_models, tmp_path, private_redis=getattr(request, "param", False))
     yield running
     running.cleanup()
 
@@ -130,8 +134,12 @@ def test_sighup_stops_everything(stack_up: StackUp) -> None:
     stack_up.assert_all_gone(10)
 
 
+@pytest.mark.parametrize("stack_up", [True], indirect=True, ids=["own-redis"])
 def test_children_do_not_outlive_a_sigkilled_stack(stack_up: StackUp) -> None:
+    assert any("redis-server" in cmdline(p) for p in stack_up.children)
     stack_up.proc.kill()
     stack_up.proc.wait()
-    # each child notices within half a second, drains (3 s here) and exits
+    # each child notices within half a second, drains (3 s here) and exits; redis-server is stopped
+    # by its sidecar
     stack_up.assert_all_gone(30)
+    assert not port_open("127.0.0.1", stack_up.redis_port)

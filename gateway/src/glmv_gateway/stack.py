@@ -95,8 +95,11 @@ class LocalStack:
     jobs_dir: Path = Path(".run/jobs")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _redis_proc: subprocess.Popen[bytes] | None = None
+    _redis_watch: subprocess.Popen[bytes] | None = None
     gateway_env_resolved: dict[str, str] = field(default_factory=dict)
     supervise: bool = False
+    # where the gateway reaches a service, when not directly (e.g. through a proxy in a fault test)
+    gateway_addrs: dict[str, str] = field(default_factory=dict)
     restarts: list[dict[str, object]] = field(default_factory=list)
     _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _started_at: dict[str, float] = field(default_factory=dict)
@@ -128,14 +131,14 @@ class LocalStack:
                 f"no Redis answers at {self.redis_url} and redis-server is not installed "
                 "(scripts/ensure-redis.sh installs and starts one)"
             )
-        # through the guard: redis-server cannot notice by itself that the stack died
         self._redis_proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "glmv_common.parent", "--", binary),
-                *("--bind", "127.0.0.1", "--port", port or "6379", "--save", "", "--appendonly", "no"),
-            ],
+            [binary, "--bind", "127.0.0.1", "--port", port or "6379", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+        )
+        # redis-server cannot notice by itself that the stack died: a sidecar stops it then
+        self._redis_watch = subprocess.Popen(
+            [sys.executable, "-m", "glmv_common.parent", "--watch", str(self._redis_proc.pid)],
             env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
         deadline = time.monotonic() + 10
@@ -239,9 +242,10 @@ class LocalStack:
                 "GLMV_GATEWAY_HOST": "127.0.0.1",
                 "GLMV_GATEWAY_PORT": str(self.ports["gateway"]),
                 "GLMV_GATEWAY_REDIS_URL": self.redis_url,
-                "GLMV_GATEWAY_TOKENIZER_ADDR": self.addr("tokenizer"),
-                "GLMV_GATEWAY_LM_ADDR": self.addr("lm"),
-                "GLMV_GATEWAY_DECODER_ADDR": self.addr("decoder"),
+                **{
+                    f"GLMV_GATEWAY_{c.upper()}_ADDR": self.gateway_addrs.get(c, self.addr(c))
+                    for c in COMPONENTS
+                },
                 "GLMV_GATEWAY_API_KEYS": ",".join(
                     filter(None, [env.get("GLMV_GATEWAY_API_KEYS"), self.api_key])
                 ),
@@ -315,6 +319,10 @@ class LocalStack:
             self._redis_proc.terminate()
             self._redis_proc.wait(timeout=10)
             self._redis_proc = None
+        if self._redis_watch is not None:
+            self._redis_watch.terminate()
+            self._redis_watch.wait(timeout=10)
+            self._redis_watch = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

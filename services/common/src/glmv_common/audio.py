@@ -207,8 +207,8 @@ def check_wav_complete(data: bytes) -> None:
             present = len(data) - pos - 8
             if data[:4] == b"RIFF" and size not in _UNKNOWN_SIZES and present < size:
                 raise AudioError(
-                    f"cannot decode audio file: the WAV file is truncated: its data chunk declares {size} bytes but only "
-                    f"{present} are present"
+                    f"cannot decode audio file: the WAV file is truncated: its data chunk declares "
+                    f"{size} bytes but only {present} are present"
                 )
             return
         pos += 8 + size + (size & 1)

@@ -55,34 +55,29 @@ def watch_parent(interval: float = 0.5) -> threading.Thread | None:
     return thread
 
 
-def guard(argv: list[str]) -> int:
-    """Run ``argv`` (a program that cannot watch its parent itself, e.g. redis-server) as a child;
-    forward SIGTERM/SIGINT/SIGHUP to it, and stop it when this process's own parent is gone."""
-    import subprocess
 
+def watch_for(target: int, interval: float = 0.25) -> int:
+    """A sidecar for a process that cannot watch its parent itself (redis-server): started by the
+    same supervisor with ``GLMV_PARENT_PID``, it sends ``target`` SIGTERM once the supervisor is
+    gone, then exits; it also exits when ``target`` does."""
     expected = int(os.environ.pop(ENV, "0") or 0) or os.getppid()
-    child = subprocess.Popen(argv)
-
-    def forward(signum: int, frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    while child.poll() is None:
+    while True:
+        try:
+            os.kill(target, 0)
+        except ProcessLookupError:
+            return 0
         if os.getppid() != expected:
-            child.terminate()
             try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-            break
-        time.sleep(0.25)
-    return child.wait()
+                os.kill(target, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            return 0
+        time.sleep(interval)
 
 
 if __name__ == "__main__":
     import sys
 
-    args = sys.argv[1:]
-    raise SystemExit(guard(args[1:] if args[:1] == ["--"] else args))
+    if len(sys.argv) != 3 or sys.argv[1] != "--watch" or not sys.argv[2].isdigit():
+        raise SystemExit("usage: python -m glmv_common.parent --watch PID")
+    raise SystemExit(watch_for(int(sys.argv[2])))

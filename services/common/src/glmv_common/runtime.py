@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -370,7 +369,7 @@ def malloc_trim() -> bool:
 
 
 async def trim_when_idle(state: _State, interval_s: float) -> None:
-    """``GLMV_MALLOC_TRIM_S``: every ``interval_s`` seconds with no call running, trim the heap.
+    """``malloc_trim_s``: every ``interval_s`` seconds with no call running, trim the heap.
     Freed tensors' pages otherwise stay in glibc's arenas and the RSS only ever grows to its peak."""
     while True:
         await asyncio.sleep(interval_s)
@@ -383,7 +382,7 @@ async def serve(service: ModelService, settings: ServiceSettings) -> None:
     setup_logging(service.component, settings.log_level, settings.log_format)
     watch_parent()
     running = await start_service(service, settings, wait_ready=False)
-    trim_s = float(os.environ.get("GLMV_MALLOC_TRIM_S", "0") or 0)
+    trim_s = settings.malloc_trim_s
     trimmer = asyncio.create_task(trim_when_idle(running._state, trim_s)) if trim_s > 0 else None
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
