@@ -74,8 +74,12 @@ def _turn_body() -> dict[str, Any]:
 
 
 def _job_body() -> dict[str, Any]:
-    options = {"$ref": "#/components/schemas/SessionSettings"}
-    webhook = {"type": "string", "maxLength": 2048, "description": "http(s) URL notified when done"}
+    options = {"anyOf": [{"$ref": "#/components/schemas/SessionSettings"}, {"type": "null"}]}
+    webhook = {
+        "type": ["string", "null"],
+        "maxLength": 2048,
+        "description": "http(s) URL notified when done",
+    }
     return {
         "required": True,
         "content": {
@@ -99,7 +103,7 @@ def _job_body() -> dict[str, Any]:
                         "audio": {"type": "string", "format": "binary"},
                         "text": {"type": "string"},
                         "options": {"type": "string", "description": "SessionSettings as a JSON object"},
-                        "webhook_url": webhook,
+                        "webhook_url": {"type": "string", "maxLength": 2048},
                     },
                 }
             },
