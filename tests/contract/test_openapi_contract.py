@@ -44,7 +44,7 @@ def run_schemathesis(stack: LocalStack, tmp: Path, phases: str, max_examples: in
         *("--request-timeout", "60", "--workers", "1", "--no-color"),
         *("--report", "junit", "--report-dir", str(tmp)),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=max_time + 240)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=max_time + 240, cwd=tmp)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
 
 

@@ -169,3 +169,15 @@ def test_options_and_405_name_every_method(stack, path: str, methods: set[str]) 
     response = httpx.put(f"{stack.gateway_url}{path}")
     assert response.status_code == 405
     assert set(response.headers["allow"].replace(" ", "").split(",")) == methods
+
+
+def test_patch_with_nulls_resets_to_defaults(client: GatewayClient) -> None:
+    session = client.create_session(temperature=0.7, output={"sample_rate": 16000}, seed=3)
+    response = client.http.patch(
+        f"/v1/sessions/{session['id']}",
+        json={"temperature": None, "output": None, "repetition_penalty": None, "seed": None},
+    )
+    assert response.status_code == 200, response.text  # was a bare 500
+    settings = response.json()["settings"]
+    assert settings["temperature"] == 0.2 and settings["output"]["sample_rate"] == 22050
+    assert settings["seed"] is None

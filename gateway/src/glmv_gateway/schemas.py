@@ -73,7 +73,8 @@ class SessionSettings(Strict):
 
 
 class SessionPatch(Strict):
-    """Fields to change; nested objects replace the stored ones."""
+    """Fields to change; nested objects replace the stored ones; ``null`` resets a field to its
+    default."""
 
     mode: Literal["audio", "text"] | None = None
     style: Style | None = None

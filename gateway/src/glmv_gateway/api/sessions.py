@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
+from pydantic import ValidationError
 
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
@@ -51,8 +52,17 @@ async def patch_session(
         session = await state.store.get(session_id, owner=api_key)
     except SessionNotFound:
         raise not_found(session_id) from None
-    merged = {**session.settings, **patch.model_dump(mode="json", exclude_unset=True)}
-    settings = SessionSettings.model_validate(merged).model_dump(mode="json")
+    changes = patch.model_dump(mode="json", exclude_unset=True)
+    merged = {**session.settings, **changes}
+    for name, value in changes.items():
+        if value is None:  # null resets the field to its default
+            merged.pop(name)
+    try:
+        settings = SessionSettings.model_validate(merged).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, f"invalid settings: {where}: {first.get('msg')}") from None
     return (await state.store.update_settings(session_id, settings)).public()
 
 
