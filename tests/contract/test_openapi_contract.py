@@ -15,7 +15,7 @@ from glmv_gateway.stack import LocalStack
 
 from .conftest import stack_db, start_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ST = str(Path(sys.executable).parent / "st")
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 

@@ -22,7 +22,7 @@ from ..gateway.conftest import FAST
 from .conftest import readyz, stack_db, start_stack, wait_for
 from .proxy import StallingProxy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LONG = {"max_new_tokens": 2000, "seed": 7, "temperature": 1.0, "top_p": 1.0}
 
 

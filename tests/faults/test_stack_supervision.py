@@ -19,7 +19,7 @@ from glmv_gateway.stack import DEV_API_KEY, free_port, port_open
 from ..conftest import REDIS_PORT
 from .conftest import alive, children_of, cmdline, stack_db
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
