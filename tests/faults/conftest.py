@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..gateway.conftest import dev_models, stack_db, start_stack  # noqa: F401 - fixtures re-exported
+from ..gateway.conftest import dev_models, sample_wav, stack_db, start_stack  # noqa: F401 - re-exported
 
 
 def children_of(pid: int) -> set[int]:
