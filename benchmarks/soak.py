@@ -134,7 +134,9 @@ def main() -> int:
     ap.add_argument("--redis-url", default=os.environ.get("GLMV_SOAK_REDIS_URL", "redis://127.0.0.1:6379/11"))
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--max-audio-tokens", type=int, default=60)
-    ap.add_argument("--malloc-trim", action="store_true", help="services return freed heap to the OS")
+    ap.add_argument(
+        "--malloc-trim", action="store_true", help="services trim the heap every 5 s (default: never)"
+    )
     ap.add_argument("--note", default="shared machine")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.md"))
     args = ap.parse_args()
@@ -147,8 +149,8 @@ def main() -> int:
         from glmv_gateway.stack import LocalStack, make_dev_models
 
         env = {"OMP_NUM_THREADS": "1"}
-        if args.malloc_trim:
-            env.update({f"GLMV_{c.upper()}_MALLOC_TRIM_S": "5" for c in ("tokenizer", "lm", "decoder")})
+        trim = "5" if args.malloc_trim else "0"  # 0: the allocator's own behaviour, for comparison
+        env.update({f"GLMV_{c.upper()}_MALLOC_TRIM_S": trim for c in ("tokenizer", "lm", "decoder")})
         stack = LocalStack(
             models=make_dev_models(Path(args.models)),
             redis_url=args.redis_url,

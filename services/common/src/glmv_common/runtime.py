@@ -368,12 +368,20 @@ def malloc_trim() -> bool:
         return False
 
 
-async def trim_when_idle(state: _State, interval_s: float) -> None:
-    """``malloc_trim_s``: every ``interval_s`` seconds with no call running, trim the heap.
-    Freed tensors' pages otherwise stay in glibc's arenas and the RSS only ever grows to its peak."""
+async def trim_when_idle(state: _State, interval_s: float, busy_limit: int = 6) -> None:
+    """``malloc_trim_s``: every ``interval_s`` seconds with no call running (or after ``busy_limit``
+    busy intervals in a row, so a service that is never idle is trimmed too), hand the heap's free
+    pages back to the OS. Freed tensors' pages otherwise stay in glibc's arenas: the decoder's RSS
+    grew 364 → 625 MB over 30 streams untrimmed and stayed at 436-439 MB trimmed
+    (benchmarks/decoder_memory.py)."""
+    busy = 0
     while True:
         await asyncio.sleep(interval_s)
-        if state.active == 0 and state.ready:
+        if not state.ready:
+            continue
+        busy = busy + 1 if state.active else 0
+        if busy == 0 or busy >= busy_limit:
+            busy = 0
             await asyncio.to_thread(malloc_trim)
 
 
