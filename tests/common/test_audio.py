@@ -170,3 +170,36 @@ def test_arbitrary_arrays_only_raise_audio_error(x: np.ndarray, encoding: Encodi
         audio.encode_wav(x, rate)
     except AudioError:
         return
+
+
+def test_wav_cut_mid_data_is_refused_naming_the_cut() -> None:
+    wav = audio.encode_wav(tone(16000), 16000)
+    with pytest.raises(AudioError, match="truncated: its data chunk declares 8000 bytes but only"):
+        audio.decode_file(wav[: len(wav) // 2])
+    with pytest.raises(AudioError, match="no data chunk"):
+        audio.decode_file(wav[:40])
+
+
+def test_streamed_wav_with_unknown_length_still_decodes() -> None:
+    wav = bytearray(audio.encode_wav(tone(16000, 0.1), 16000))
+    wav[40:44] = b"\xff\xff\xff\xff"  # a live recorder that never rewrote the data size
+    y, rate = audio.decode_file(bytes(wav))
+    assert rate == 16000 and len(y) == 1600
+
+
+def test_sniff_format() -> None:
+    wav = audio.encode_wav(tone(16000, 0.1), 16000)
+    buf = io.BytesIO()
+    sf.write(buf, tone(16000, 0.1), 16000, format="FLAC")
+    assert audio.sniff_format(wav) == "wav"
+    assert audio.sniff_format(buf.getvalue()) == "flac"
+    assert audio.sniff_format(b"\x00") is None
+
+
+@pytest.mark.parametrize(
+    "data", [b"RIFF\x24\x00\x00\x00WAVEfmt garbage", b"fLaC" + b"\x00" * 50, b"OggS" * 3]
+)
+def test_decoder_messages_do_not_leak_object_reprs(data: bytes) -> None:
+    with pytest.raises(AudioError) as err:
+        audio.decode_file(data)
+    assert "BytesIO" not in str(err.value) and " at 0x" not in str(err.value), str(err.value)

@@ -271,7 +271,8 @@ def test_api_key_stored_in_redis_and_per_key_turn_limit(stack, sample_wav: bytes
 
 
 def test_readyz_reports_compatible_models(stack) -> None:
-    body = httpx.get(f"{stack.gateway_url}/readyz").json()
+    auth = {"Authorization": f"Bearer {stack.api_key}"}  # model details need a key
+    body = httpx.get(f"{stack.gateway_url}/readyz", headers=auth).json()
     assert body["status"] == "ready" and body["compatibility"] == "ok"
     assert set(body["services"].values()) == {"SERVING"}
     sizes = {m["codebook_size"] for m in body["models"].values()}

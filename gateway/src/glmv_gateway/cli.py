@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import mimetypes
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -86,35 +87,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class StackStopped(Exception):
+    """SIGTERM or SIGHUP reached ``glmv stack up``."""
+
+
+def _stop_on(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # one stop at a time: stop() must not be interrupted
+    raise StackStopped(signal.Signals(signum).name)
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     models = {c: Path(getattr(args, f"{c}_model") or Path(args.models) / c) for c in COMPONENTS}
     if not any(getattr(args, f"{c}_model") for c in COMPONENTS):
         make_dev_models(Path(args.models))
-    ports = {
-        "gateway": args.port,
-        "tokenizer": args.port_base,
-        "lm": args.port_base + 1,
-        "decoder": args.port_base + 2,
-    }
-    stack = LocalStack(models=models, ports=ports, log_dir=Path(args.logs))
-    stack.start()
-    print(f"gateway: {stack.gateway_url} (API key: {stack.api_key}); docs at {stack.gateway_url}/docs")
-    page = f"http://localhost:{stack.ports['gateway']}/demo/"
-    print(f"talk page: {page}")
-    if args.open:
-        import webbrowser
-
-        if not webbrowser.open(page):
-            print(f"no browser could be started here: open {page} yourself", file=sys.stderr)
-    print("Ctrl-C stops the stack")
+    ports = {"gateway": args.port}
+    if args.port_base:  # 0: any free ports
+        ports.update(tokenizer=args.port_base, lm=args.port_base + 1, decoder=args.port_base + 2)
+    stack = LocalStack(
+        models=models, ports=ports, log_dir=Path(args.logs), redis_url=args.redis_url, supervise=True
+    )
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on)
     try:
-        while all(p.poll() is None for p in stack.procs.values()):
+        stack.start()
+        print(f"gateway: {stack.gateway_url} (API key: {stack.api_key}); docs at {stack.gateway_url}/docs")
+        page = f"http://localhost:{stack.ports['gateway']}/demo/"
+        print(f"talk page: {page}")
+        if args.open:
+            import webbrowser
+
+            if not webbrowser.open(page):
+                print(f"no browser could be started here: open {page} yourself", file=sys.stderr)
+        print("a process that exits is restarted; Ctrl-C (or SIGTERM / SIGHUP) stops the stack", flush=True)
+        while True:
             time.sleep(0.5)
-        print("a process exited; stopping the stack", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
+    except StackStopped as stopped:
+        print(f"{stopped}: stopping the stack", file=sys.stderr, flush=True)
+        return 0
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
 
 
@@ -288,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     for component in COMPONENTS:
         up.add_argument(f"--{component}-model", help=f"{component} checkpoint directory (published layout)")
     up.add_argument("--port", type=int, default=8080)
-    up.add_argument("--port-base", type=int, default=50051)
+    up.add_argument("--port-base", type=int, default=50051, help="first of three gRPC ports (0: any free)")
+    up.add_argument(
+        "--redis-url",
+        default=os.environ.get("GLMV_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="sessions' Redis (a redis-server is started there if none answers)",
+    )
     up.add_argument("--logs", default=".run/logs")
     up.add_argument("--open", action="store_true", help="open the browser talk page when the stack is up")
     up.set_defaults(func=cmd_stack)

@@ -14,6 +14,10 @@ STAGE_SECONDS = Histogram("glmv_gateway_stage_seconds", "Per-stage latency", ["s
 ACTIVE_TURNS = Gauge("glmv_gateway_active_turns", "Turns streaming now")
 TURNS = Counter("glmv_gateway_turns_total", "Finished turns", ["end_reason"])
 ERRORS = Counter("glmv_gateway_errors_total", "Errors by component and code", ["component", "code"])
+INTERRUPTED_TURNS = Counter(
+    "glmv_gateway_interrupted_turns_total",
+    "Turns found never finished (their gateway died mid-turn; the session lock expired)",
+)
 HTTP_ERRORS = Counter("glmv_gateway_http_errors_total", "4xx/5xx answers", ["status"])
 RTF = Histogram(
     "glmv_gateway_rtf",

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
 MAX_TEXT_CHARS = 20_000  # a text turn, over every transport
+OutputRate = Literal[8000, 16000, 22050, 24000, 48000]
+ChunkSize = Annotated[int, Field(ge=1, le=1000)]
 
 
 class Strict(BaseModel):
+    """Unknown fields are refused, and so are booleans and strings where a number belongs
+    (``"seed": true`` is not 1, ``"top_k": "5"`` is not 5); an integral float such as ``5.0`` is
+    still the integer 5, as JSON Schema counts it."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_numbers(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            kinds = str(field.annotation)
+            if name not in data or not any(k in kinds for k in ("int", "float")) or "Literal" in kinds:
+                continue
+            values = data[name] if isinstance(data[name], list) else [data[name]]
+            if any(isinstance(v, bool | str) for v in values):
+                raise ValueError(f"{name} must be a JSON number, not a boolean or a string")
+        return data
 
 
 class Style(Strict):
@@ -25,15 +45,8 @@ class Style(Strict):
 
 
 class OutputAudio(Strict):
-    sample_rate: int = Field(22050, description="8000, 16000, 22050 (native), 24000 or 48000 Hz")
+    sample_rate: OutputRate = Field(22050, description="8000, 16000, 22050 (native), 24000 or 48000 Hz")
     encoding: Literal["pcm16", "float32", "mulaw", "alaw"] = "pcm16"
-
-    @field_validator("sample_rate")
-    @classmethod
-    def _rate(cls, value: int) -> int:
-        if value not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}")
-        return value
 
 
 class TurnDetection(Strict):
@@ -68,17 +81,13 @@ class SessionSettings(Strict):
     seed: int | None = Field(None, ge=0, description="LM sampling seed (reproducible replies)")
     decoder_seed: int | None = Field(None, ge=0, description="Flow-matching noise seed (default 42)")
     output: OutputAudio = Field(default_factory=OutputAudio)
-    chunk_schedule: list[int] | None = Field(
-        None, min_length=1, max_length=32, description="Audio tokens per decoder chunk; last repeats"
+    chunk_schedule: list[ChunkSize] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Audio tokens per decoder chunk (1..1000 each); the last size repeats",
     )
     turn_detection: TurnDetection = Field(default_factory=TurnDetection)
-
-    @field_validator("chunk_schedule")
-    @classmethod
-    def _schedule(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(not 1 <= v <= 1000 for v in value):
-            raise ValueError("chunk sizes must be between 1 and 1000 tokens")
-        return value
 
 
 class SessionCreate(SessionSettings):
@@ -93,7 +102,8 @@ class SessionCreate(SessionSettings):
 
 
 class SessionPatch(Strict):
-    """Fields to change; nested objects replace the stored ones."""
+    """Fields to change; nested objects replace the stored ones; ``null`` resets a field to its
+    default."""
 
     mode: Literal["audio", "text"] | None = None
     style: Style | None = None
@@ -106,7 +116,7 @@ class SessionPatch(Strict):
     seed: int | None = Field(None, ge=0)
     decoder_seed: int | None = Field(None, ge=0)
     output: OutputAudio | None = None
-    chunk_schedule: list[int] | None = Field(None, min_length=1, max_length=32)
+    chunk_schedule: list[ChunkSize] | None = Field(None, min_length=1, max_length=32)
     turn_detection: TurnDetection | None = None
 
 
@@ -117,6 +127,9 @@ class TextTurn(Strict):
 def apply_patch(current: dict[str, object], changes: dict[str, object]) -> dict[str, object]:
     """The stored settings after a patch (nested objects replace the stored ones); raises
     pydantic's ValidationError on a bad patch."""
-    patch = SessionPatch.model_validate(changes)
-    merged = {**current, **patch.model_dump(mode="json", exclude_unset=True)}
+    patch = SessionPatch.model_validate(changes).model_dump(mode="json", exclude_unset=True)
+    merged = {**current, **patch}
+    for name, value in patch.items():
+        if value is None:  # null resets the field to its default
+            merged.pop(name)
     return SessionSettings.model_validate(merged).model_dump(mode="json")

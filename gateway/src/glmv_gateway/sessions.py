@@ -13,6 +13,9 @@ Schema (all keys expire ``session_ttl_s`` after the last use; no audio is ever s
                                   "timings": {...}, "created_at"}``
 * ``glmv:session:{id}:lock``   the running turn's id; ``SET NX PX lock_ttl`` so a crashed gateway
                                frees the session after the TTL
+* ``glmv:session:{id}:running`` the running turn's id too, but kept for the session's TTL: a turn
+                               that finds it while the lock is free knows the previous turn never
+                               released its lock (its gateway died) and reports it
 * ``glmv:apikey-turns:{hash}`` sorted set of running turn ids per API key (score = start time)
 * ``glmv:apikeys``             set of sha256 hex digests of API keys accepted besides the env ones
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,10 +36,30 @@ from redis.exceptions import WatchError
 if TYPE_CHECKING:
     from glmv_gateway.versions import VersionRegistry
 
+from glmv_common.logs import get_logger, kv
+from glmv_gateway import metrics
+
 PREFIX = "glmv"
+log = get_logger("glmv.sessions")
+
+# Session ids are what :meth:`SessionStore.create` makes: 32 lowercase hex digits. Anything else (a
+# ``:`` in particular) could name another key, so it is refused before Redis is asked.
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 _RELEASE_LOCK = """
+if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+"""
+
+# KEYS: lock, running marker; ARGV: turn id, lock TTL (s), marker TTL (s).
+# Returns {1, id of a turn that never released its lock, or false} or {0, lock's remaining ms}.
+_ACQUIRE_LOCK = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  local previous = redis.call('get', KEYS[2])
+  redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[3])
+  return {1, previous}
+end
+return {0, redis.call('pttl', KEYS[1])}
 """
 
 
@@ -50,8 +74,15 @@ class SessionNotFound(LookupError):
     pass
 
 
+def valid_session_id(session_id: str) -> bool:
+    return isinstance(session_id, str) and SESSION_ID.fullmatch(session_id) is not None
+
+
 class SessionBusy(RuntimeError):
-    pass
+    def __init__(self, session_id: str, expires_in_s: float | None = None) -> None:
+        when = f"; its lock expires in {expires_in_s:.1f} s at the latest" if expires_in_s else ""
+        super().__init__(f"session {session_id} already has a turn running{when}")
+        self.expires_in_s = expires_in_s
 
 
 class TooManyTurns(RuntimeError):
@@ -94,6 +125,7 @@ class SessionStore:
         self.versions = versions  # with it, ``get`` keeps every session on a live version
         self._release = client.register_script(_RELEASE_LOCK)
         self._set_versions = client.register_script(_SET_VERSIONS)
+        self._acquire = client.register_script(_ACQUIRE_LOCK)
 
     @classmethod
     def from_url(
@@ -116,6 +148,8 @@ class SessionStore:
 
     @staticmethod
     def _key(session_id: str, suffix: str = "") -> str:
+        if not valid_session_id(session_id):
+            raise SessionNotFound(session_id)
         return f"{PREFIX}:session:{session_id}{':' + suffix if suffix else ''}"
 
     async def ping(self) -> bool:
@@ -186,7 +220,10 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> None:
         removed = await self.redis.delete(
-            self._key(session_id), self._key(session_id, "turns"), self._key(session_id, "lock")
+            self._key(session_id),
+            self._key(session_id, "turns"),
+            self._key(session_id, "lock"),
+            self._key(session_id, "running"),
         )
         if self.versions is not None:
             self.versions.forget(session_id)
@@ -236,12 +273,26 @@ class SessionStore:
 
     # --- one turn at a time per session ----------------------------------------------------------
 
-    async def acquire_turn(self, session_id: str, turn_id: str) -> None:
-        if not await self.redis.set(self._key(session_id, "lock"), turn_id, nx=True, ex=self.lock_ttl_s):
-            raise SessionBusy(session_id)
+    async def acquire_turn(self, session_id: str, turn_id: str) -> str | None:
+        """Take the session's lock; returns the id of an earlier turn that never released it (its
+        gateway died mid-turn and the lock expired), which is logged and counted here."""
+        keys = [self._key(session_id, "lock"), self._key(session_id, "running")]
+        taken, detail = await self._acquire(keys=keys, args=[turn_id, self.lock_ttl_s, self.ttl_s])
+        if not taken:
+            raise SessionBusy(session_id, detail / 1000 if isinstance(detail, int) and detail > 0 else None)
+        if detail:
+            metrics.INTERRUPTED_TURNS.inc()
+            log.warning(
+                "turn %s of session %s never finished (its gateway stopped mid-turn); its lock expired",
+                detail,
+                session_id,
+                extra=kv(session_id=session_id, interrupted_turn_id=detail),
+            )
+        return detail or None
 
     async def release_turn(self, session_id: str, turn_id: str) -> None:
-        await self._release(keys=[self._key(session_id, "lock")], args=[turn_id])
+        keys = [self._key(session_id, "lock"), self._key(session_id, "running")]
+        await self._release(keys=keys, args=[turn_id])
 
     # --- concurrent turns per API key --------------------------------------------------------------
 

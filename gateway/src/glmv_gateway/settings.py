@@ -42,6 +42,14 @@ class GatewaySettings(BaseSettings):
         "", description="Comma-separated API keys accepted besides those stored in Redis (glmv:apikeys)."
     )
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_settings_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest session settings body (POST/PATCH /v1/sessions)."
+    )
+    readyz_details: bool = Field(
+        False,
+        description="Show the models' ids, versions and checkpoint fingerprints on /readyz to callers "
+        "without an API key (with a key they are always shown).",
+    )
     max_audio_seconds: float = Field(120.0, gt=0, description="Longest accepted user utterance.")
     session_ttl_s: int = Field(
         24 * 3600, ge=60, description="Idle sessions expire after this (refreshed on use)."

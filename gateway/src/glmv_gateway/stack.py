@@ -1,6 +1,12 @@
 """Local stack without Docker: Redis (if none answers), the three model services and the gateway as
 processes on dev (or given) checkpoints; waits for readiness; stops everything cleanly.
 
+With ``supervise=True`` (what ``glmv stack up`` uses) a thread restarts any process that exits, on
+the same ports, after a backoff that doubles for each quick crash (0.5 s up to 30 s, reset once it
+has run for a minute), like compose's ``restart: unless-stopped``; the rest keeps serving and the
+gateway's /readyz answers 503 until the restarted service is SERVING again. Every child gets this
+process's pid in ``GLMV_PARENT_PID`` and stops by itself if the stack dies (even by SIGKILL).
+
 The gateway package itself has no torch: it only launches the services' console scripts.
 """
 
@@ -12,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +27,10 @@ import httpx
 
 COMPONENTS = ("tokenizer", "lm", "decoder")
 DEV_API_KEY = "dev-key"
+PARENT_ENV = "GLMV_PARENT_PID"
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
 
 
 class StackError(RuntimeError):
@@ -84,8 +95,19 @@ class LocalStack:
     jobs_dir: Path = Path(".run/jobs")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _redis_proc: subprocess.Popen[bytes] | None = None
+    _redis_watch: subprocess.Popen[bytes] | None = None
     gateway_env_resolved: dict[str, str] = field(default_factory=dict)
     stopped: set[str] = field(default_factory=set)  # processes killed on purpose (not a failure)
+    supervise: bool = False
+    # where the gateway reaches a service, when not directly (e.g. through a proxy in a fault test)
+    gateway_addrs: dict[str, str] = field(default_factory=dict)
+    restarts: list[dict[str, object]] = field(default_factory=list)
+    _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _started_at: dict[str, float] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -114,6 +136,11 @@ class LocalStack:
             [binary, "--bind", "127.0.0.1", "--port", port or "6379", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+        )
+        # redis-server cannot notice by itself that the stack died: a sidecar stops it then
+        self._redis_watch = subprocess.Popen(
+            [sys.executable, "-m", "glmv_common.parent", "--watch", str(self._redis_proc.pid)],
+            env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
         deadline = time.monotonic() + 10
         while not redis_answers(host or "127.0.0.1", int(port or 6379)):
@@ -150,8 +177,57 @@ class LocalStack:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.stopped.discard(name)
+        env = {**env, PARENT_ENV: str(os.getpid())}
+        with self._lock:
+            self._commands[name] = (cmd, env)
+            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self._started_at[name] = time.monotonic()
+            self.stopped.discard(name)
+        if out is not subprocess.DEVNULL:
+            out.close()  # the child holds its own copy
+
+    # --- supervision ------------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        print(f"glmv stack: {message}", file=sys.stderr, flush=True)
+        if self.log_dir is not None:
+            with open(self.log_dir / "supervisor.log", "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    def start_supervisor(self) -> None:
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        pending: dict[str, float] = {}  # name -> monotonic time of its restart
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                for name, proc in list(self.procs.items()):
+                    if proc.poll() is None or name in pending:
+                        continue
+                    uptime = now - self._started_at.get(name, now)
+                    failures = 1 if uptime >= STABLE_AFTER_S else self._failures.get(name, 0) + 1
+                    self._failures[name] = failures
+                    delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (failures - 1))
+                    code = proc.returncode
+                    how = f"signal {-code}" if code < 0 else f"code {code}"
+                    self._say(
+                        f"{name} (pid {proc.pid}) exited with {how} after {uptime:.1f} s; "
+                        f"restarting in {delay:.1f} s (restart #{failures} in a row)"
+                    )
+                    self.restarts.append(
+                        {"name": name, "pid": proc.pid, "returncode": code, "delay_s": delay}
+                    )
+                    pending[name] = now + delay
+                for name, at in list(pending.items()):
+                    if now < at or self._stopping.is_set():
+                        continue
+                    del pending[name]
+                    cmd, env = self._commands[name]
+                    self._spawn(name, cmd, env)
+                    self._say(f"{name} restarted (pid {self.procs[name].pid})")
 
     def start_service(self, component: str) -> None:
         self._spawn(component, [script(f"glmv-{component}"), "serve"], self._env(component))
@@ -198,9 +274,10 @@ class LocalStack:
                 "GLMV_GATEWAY_HOST": "127.0.0.1",
                 "GLMV_GATEWAY_PORT": str(self.ports["gateway"]),
                 "GLMV_GATEWAY_REDIS_URL": self.redis_url,
-                "GLMV_GATEWAY_TOKENIZER_ADDR": self.addr("tokenizer"),
-                "GLMV_GATEWAY_LM_ADDR": self.addr("lm"),
-                "GLMV_GATEWAY_DECODER_ADDR": self.addr("decoder"),
+                **{
+                    f"GLMV_GATEWAY_{c.upper()}_ADDR": self.gateway_addrs.get(c, self.addr(c))
+                    for c in COMPONENTS
+                },
                 "GLMV_GATEWAY_API_KEYS": ",".join(
                     filter(None, [env.get("GLMV_GATEWAY_API_KEYS"), self.api_key])
                 ),
@@ -221,6 +298,8 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        if self.supervise:
+            self.start_supervisor()
         return self
 
     def start_worker(self, name: str = "worker") -> None:
@@ -231,8 +310,8 @@ class LocalStack:
         deadline = time.monotonic() + timeout
         last: object = "gateway not answering"
         while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and name not in self.stopped:
+            for name, proc in list(self.procs.items()):
+                if proc.poll() is not None and name not in self.stopped and self._supervisor is None:
                     raise StackError(f"{name} exited with code {proc.returncode}{self._log_hint(name)}")
             try:
                 response = httpx.get(f"{self.gateway_url}/readyz", timeout=5)
@@ -258,6 +337,10 @@ class LocalStack:
         self.stopped.add(name)
 
     def stop(self, timeout: float = 20.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+            self._supervisor = None
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -272,6 +355,10 @@ class LocalStack:
             self._redis_proc.terminate()
             self._redis_proc.wait(timeout=10)
             self._redis_proc = None
+        if self._redis_watch is not None:
+            self._redis_watch.terminate()
+            self._redis_watch.wait(timeout=10)
+            self._redis_watch = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import demo, health, jobs, models, sessions, turns, ws
+from glmv_common.parent import watch_parent
+from glmv_gateway.api import demo, health, jobs, models, openapi, sessions, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
+from glmv_gateway.api.limits import SettingsBodyLimit
+from glmv_gateway.api.options import OptionsResponder
 from glmv_gateway.api.realtime import router as realtime
 from glmv_gateway.api.realtime import secrets as realtime_secrets
 from glmv_gateway.api.state import AppState
@@ -59,6 +62,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(SettingsBodyLimit, limit=settings.max_settings_bytes)
+    app.add_middleware(OptionsResponder)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(models.router)
@@ -69,6 +74,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(realtime_secrets.router)
     if settings.demo_page:
         app.include_router(demo.router)
+    openapi.install(app)
     return app
 
 
@@ -77,6 +83,7 @@ def main() -> None:
 
     settings = GatewaySettings()
     setup_logging("gateway", settings.log_level, settings.log_format)
+    watch_parent()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

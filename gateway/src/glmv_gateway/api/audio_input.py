@@ -17,14 +17,17 @@ from glmv_common.errors import AudioError
 from glmv_gateway.api.errors import ApiError
 
 FILE_TYPES = {
-    "audio/wav",
-    "audio/x-wav",
-    "audio/wave",
-    "audio/vnd.wave",
-    "audio/flac",
-    "audio/x-flac",
-    "audio/ogg",
+    "audio/wav": "wav",
+    "audio/x-wav": "wav",
+    "audio/wave": "wav",
+    "audio/vnd.wave": "wav",
+    "audio/flac": "flac",
+    "audio/x-flac": "flac",
+    "audio/ogg": "ogg",
 }
+
+# The speech tokenizer emits one token per 80 ms (12.5 Hz): shorter input cannot make a single token.
+MIN_AUDIO_SECONDS = 0.08
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -44,6 +47,17 @@ def decode_body(data: bytes, content_type: str) -> tuple[np.ndarray, int]:
         raise ApiError(400, "audio body is empty")
     try:
         if media in FILE_TYPES:
+            found = audio_io.sniff_format(data)
+            if found is None:
+                raise ApiError(
+                    400, f"bad audio: the body is labelled {media} but is not a WAV, FLAC or Ogg file"
+                )
+            if found != FILE_TYPES[media]:
+                raise ApiError(
+                    415,
+                    f"the body is labelled {media} but holds a {found.upper()} file: "
+                    f"send it as audio/{'wav' if found == 'wav' else found}",
+                )
             samples, rate = audio_io.decode_file(data)
         elif media in ("audio/pcm", "audio/raw", "audio/basic", "audio/pcmu", "audio/pcma"):
             default_encoding = {"audio/basic": "mulaw", "audio/pcmu": "mulaw", "audio/pcma": "alaw"}
@@ -70,6 +84,13 @@ def decode_body(data: bytes, content_type: str) -> tuple[np.ndarray, int]:
         audio_io.check_samples(mono)
     except AudioError as exc:
         raise ApiError(400, f"bad audio: {exc}") from None
+    seconds = len(mono) / rate
+    if seconds < MIN_AUDIO_SECONDS:
+        raise ApiError(
+            400,
+            f"bad audio: {seconds * 1000:.1f} ms is shorter than one speech token "
+            f"({MIN_AUDIO_SECONDS * 1000:.0f} ms)",
+        )
     return mono, rate
 
 

@@ -20,7 +20,7 @@ async def check_key(state: AppState, key: str | None) -> str:
     raise ApiError(401, "invalid API key")
 
 
-def _bearer(header: str | None) -> str | None:
+def bearer_key(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -28,10 +28,10 @@ def _bearer(header: str | None) -> str | None:
 
 
 async def require_api_key(request: Request, state: AppState = Depends(app_state)) -> str:
-    return await check_key(state, _bearer(request.headers.get("authorization")))
+    return await check_key(state, bearer_key(request.headers.get("authorization")))
 
 
 async def websocket_api_key(websocket: WebSocket, state: AppState) -> str:
     """Browsers cannot set headers on WebSockets: also accept ``?api_key=``."""
-    key = _bearer(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
+    key = bearer_key(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
     return await check_key(state, key)

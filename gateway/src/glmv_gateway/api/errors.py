@@ -56,6 +56,12 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(503, redis_unavailable(exc), "redis"), status_code=503, headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # Input nested so deeply that parsing or validating it exhausted the stack: the client's fault.
+        metrics.HTTP_ERRORS.labels("400").inc()
+        return JSONResponse(error_body(400, "the request is nested too deeply"), status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.HTTP_ERRORS.labels("422").inc()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from glmv_gateway.api.auth import bearer_key, check_key
 from glmv_gateway.api.state import AppState, app_state
 from glmv_gateway.versions import VERSIONED, VersionRegistry, version_problems
 from glmvoice.v1 import common_pb2
@@ -76,10 +77,27 @@ async def readiness(state: AppState) -> tuple[bool, dict[str, object]]:
     return ok, report
 
 
+async def may_see_details(request: Request, state: AppState) -> bool:
+    """Model ids, versions and checkpoint fingerprints: for callers with an API key, or for anyone
+    when GLMV_GATEWAY_READYZ_DETAILS is set."""
+    if state.settings.readyz_details:
+        return True
+    key = bearer_key(request.headers.get("authorization"))
+    if not key:
+        return False
+    try:
+        await check_key(state, key)
+    except Exception:  # a wrong key or an unreachable Redis: the plain report
+        return False
+    return True
+
+
 @router.get("/readyz", tags=["health"])
-async def readyz(state: AppState = Depends(app_state)) -> JSONResponse:
+async def readyz(request: Request, state: AppState = Depends(app_state)) -> JSONResponse:
     started = time.perf_counter()
     ok, report = await readiness(state)
+    if not await may_see_details(request, state):
+        report.pop("models", None)
     report["status"] = "ready" if ok else "not ready"
     report["check_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return JSONResponse(report, status_code=200 if ok else 503)

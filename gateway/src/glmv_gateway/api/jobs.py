@@ -15,6 +15,7 @@ from glmv_common import audio as audio_io
 from glmv_gateway.api.audio_input import check_declared_length, parse_content_type, read_upload
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
+from glmv_gateway.api.limits import load_json
 from glmv_gateway.api.state import AppState, app_state
 from glmv_gateway.api.turns import read_body
 from glmv_gateway.jobs.store import TERMINAL, JobStore, write_atomic
@@ -33,11 +34,11 @@ def job_store(state: AppState) -> JobStore:
 def parse_options(raw: Any) -> dict[str, Any]:
     if raw in (None, ""):
         return SessionSettings().model_dump(mode="json")
+    data = load_json(raw, "options") if isinstance(raw, str) else raw
+    if not isinstance(data, dict):
+        raise ApiError(400, "options must be a JSON object")
     try:
-        data = json.loads(raw) if isinstance(raw, str) else raw
         return SessionSettings.model_validate(data).model_dump(mode="json")
-    except json.JSONDecodeError:
-        raise ApiError(400, "options must be a JSON object") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "options"
@@ -80,10 +81,7 @@ async def submit_job(
         if upload is not None and not isinstance(upload, str):
             audio = await read_upload(upload, limit)
     elif media == "application/json":
-        try:
-            body = json.loads(await read_body(request, limit))
-        except json.JSONDecodeError:
-            raise ApiError(400, "bad JSON body") from None
+        body = load_json(await read_body(request, limit), "the JSON body")
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object")
         unknown = set(body) - {"text", "options", "webhook_url"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
+from pydantic import ValidationError
 
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
@@ -57,7 +58,13 @@ async def patch_session(
         session = await state.store.get(session_id, owner=api_key)
     except SessionNotFound:
         raise not_found(session_id) from None
-    settings = apply_patch(session.settings, patch.model_dump(mode="json", exclude_unset=True))
+    changes = patch.model_dump(mode="json", exclude_unset=True)
+    try:
+        settings = apply_patch(session.settings, changes)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, f"invalid settings: {where}: {first.get('msg')}") from None
     return (await state.store.update_settings(session_id, settings)).public()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 
 
@@ -62,6 +64,8 @@ class JobStore:
         return job_id
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
+        if not JOB_ID.fullmatch(job_id):  # never another key (``<id>:run``) nor another directory
+            return None
         data = await self.redis.hgetall(job_key(job_id))
         if not data:
             return None

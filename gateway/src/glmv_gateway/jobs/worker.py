@@ -22,6 +22,7 @@ from celery import Celery, Task
 from redis.exceptions import RedisError
 
 from glmv_common.logs import get_logger, setup_logging
+from glmv_common.parent import watch_parent
 from glmv_gateway.jobs.runner import JobBusy, ServiceUnavailable, run_job
 from glmv_gateway.jobs.store import JobStore
 from glmv_gateway.settings import GatewaySettings
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     """``glmv worker``: one job at a time per process (scale with more processes or replicas)."""
     settings = GatewaySettings()
     setup_logging("worker", settings.log_level, settings.log_format)
+    watch_parent()
     app = make_celery(settings)
     app.worker_main(
         [

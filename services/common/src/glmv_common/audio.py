@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import io
+import re
+import struct
 
 import numpy as np
 import soundfile as sf
@@ -181,10 +183,50 @@ def decode_pcm(data: bytes, encoding: Encoding | str | int, channels: int = 1) -
     return check_samples(samples.reshape(-1, channels), allow_empty=True)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The container the bytes start with: ``wav``, ``flac``, ``ogg``, or None if none of those."""
+    if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    return None
+
+
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streamed WAVs write 0 or -1 when the length is not known yet
+
+
+def check_wav_complete(data: bytes) -> None:
+    """Raise AudioError when a RIFF/WAVE file's ``data`` chunk declares more bytes than are present
+    (a file cut off mid-data) or when it has no ``data`` chunk at all."""
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if chunk_id == b"data":
+            present = len(data) - pos - 8
+            if data[:4] == b"RIFF" and size not in _UNKNOWN_SIZES and present < size:
+                raise AudioError(
+                    f"cannot decode audio file: the WAV file is truncated: its data chunk declares "
+                    f"{size} bytes but only {present} are present"
+                )
+            return
+        pos += 8 + size + (size & 1)
+    raise AudioError("cannot decode audio file: the WAV file has no data chunk (truncated?)")
+
+
+def _describe(exc: BaseException) -> str:
+    """libsndfile's message without the repr of the in-memory file it was given."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>:?", "", text).strip() or type(exc).__name__
+
+
 def decode_file(data: bytes) -> tuple[np.ndarray, int]:
     """WAV / FLAC / OGG bytes → (float32 ``[frames, channels]``, sample rate)."""
     if not data:
         raise AudioError("audio file is empty (0 bytes)")
+    if sniff_format(data) == "wav":
+        check_wav_complete(data)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sample_rate, channels, frames = f.samplerate, f.channels, f.frames
@@ -196,7 +238,7 @@ def decode_file(data: bytes) -> tuple[np.ndarray, int]:
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
-        raise AudioError(f"cannot decode audio file: {exc}") from None
+        raise AudioError(f"cannot decode audio file: {_describe(exc)}") from None
     if samples.shape[0] == 0:
         raise AudioError("audio file contains no samples")
     return check_samples(samples), sample_rate

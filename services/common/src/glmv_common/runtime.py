@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from glmv_common.errors import AudioError, InvalidRequest
 from glmv_common.logs import get_logger, kv, log_context, setup_logging
+from glmv_common.parent import watch_parent
 from glmv_common.settings import ServiceSettings
 
 log = get_logger("glmv.runtime")
@@ -355,10 +356,42 @@ async def start_service(
     return running
 
 
+def malloc_trim() -> bool:
+    """Hand the heap's free pages back to the OS (glibc); False where there is no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+async def trim_when_idle(state: _State, interval_s: float, busy_limit: int = 6) -> None:
+    """``malloc_trim_s``: every ``interval_s`` seconds with no call running (or after ``busy_limit``
+    busy intervals in a row, so a service that is never idle is trimmed too), hand the heap's free
+    pages back to the OS. Freed tensors' pages otherwise stay in glibc's arenas: the decoder's RSS
+    grew 364 → 625 MB over 30 streams untrimmed and stayed at 436-439 MB trimmed
+    (benchmarks/decoder_memory.py)."""
+    busy = 0
+    while True:
+        await asyncio.sleep(interval_s)
+        if not state.ready:
+            continue
+        busy = busy + 1 if state.active else 0
+        if busy == 0 or busy >= busy_limit:
+            busy = 0
+            await asyncio.to_thread(malloc_trim)
+
+
 async def serve(service: ModelService, settings: ServiceSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain. A failed model load ends the process with an error."""
     setup_logging(service.component, settings.log_level, settings.log_format)
+    watch_parent()
     running = await start_service(service, settings, wait_ready=False)
+    trim_s = settings.malloc_trim_s
+    trimmer = asyncio.create_task(trim_when_idle(running._state, trim_s)) if trim_s > 0 else None
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -372,6 +405,8 @@ async def serve(service: ModelService, settings: ServiceSettings) -> None:
         await running.stop(grace=0)
         raise SystemExit(f"{service.component}: {error}")
     await stop_requested.wait()
+    if trimmer is not None:
+        trimmer.cancel()
     await running.stop()
 
 

@@ -25,6 +25,12 @@ class ServiceSettings(BaseSettings):
         64, ge=1, description="Concurrent model RPCs beyond which calls get RESOURCE_EXHAUSTED."
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish.")
+    malloc_trim_s: float = Field(
+        10.0,
+        ge=0,
+        description="Every this many seconds with no call running (at the latest every 6th time even "
+        "if busy), return freed heap pages to the OS (glibc malloc_trim); 0 = never.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field("json", description="Structured JSON lines or plain text.")
     model_dir: Path | None = Field(None, description="Checkpoint directory in the published layout.")

@@ -16,7 +16,7 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 
 from glmv_common.logs import get_logger, kv
-from glmv_gateway.api.auth import _bearer, check_key
+from glmv_gateway.api.auth import bearer_key, check_key
 from glmv_gateway.api.errors import ApiError, redis_unavailable
 from glmv_gateway.api.realtime import secrets
 from glmv_gateway.api.realtime.connection import RealtimeConnection, RealtimeConversation
@@ -44,7 +44,7 @@ REALTIME_DEFAULTS = {
 async def authenticate(websocket: WebSocket, state: AppState) -> tuple[str, dict | None]:
     """(the API key the connection acts for, the client secret's session config or None)."""
     offered = websocket.scope.get("subprotocols") or []
-    key = _bearer(websocket.headers.get("authorization"))
+    key = bearer_key(websocket.headers.get("authorization"))
     key = key or next((s[len(KEY_PROTOCOL) :] for s in offered if s.startswith(KEY_PROTOCOL)), None)
     key = key or websocket.query_params.get("api_key")
     if key and key.startswith(secrets.SECRET_PREFIX):
