@@ -95,10 +95,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
         "tokenizer": args.port_base,
         "lm": args.port_base + 1,
         "decoder": args.port_base + 2,
+        "audiosocket": args.audiosocket_port,
     }
     stack = LocalStack(models=models, ports=ports, log_dir=Path(args.logs))
     stack.start()
     print(f"gateway: {stack.gateway_url} (API key: {stack.api_key}); docs at {stack.gateway_url}/docs")
+    print(f"AudioSocket (Asterisk): 127.0.0.1:{stack.ports['audiosocket']}")
     print("Ctrl-C stops the stack")
     try:
         while all(p.poll() is None for p in stack.procs.values()):
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         up.add_argument(f"--{component}-model", help=f"{component} checkpoint directory (published layout)")
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--port-base", type=int, default=50051)
+    up.add_argument("--audiosocket-port", type=int, default=9092, help="Asterisk AudioSocket TCP port")
     up.add_argument("--logs", default=".run/logs")
     up.set_defaults(func=cmd_stack)
 

@@ -38,3 +38,27 @@ ACTIVE_CONVERSATIONS = Gauge(
     "glmv_gateway_active_conversations", "Duplex conversations open now", ["transport"]
 )
 UTTERANCES = Counter("glmv_gateway_utterances_total", "User utterances committed", ["by"])
+
+# telephony
+ACTIVE_CALLS = Gauge("glmv_gateway_active_calls", "Phone calls connected now", ["transport"])
+CALLS = Counter("glmv_gateway_calls_total", "Phone calls ended, by how they ended", ["transport", "end"])
+CALL_SECONDS = Histogram(
+    "glmv_gateway_call_duration_seconds",
+    "Phone call duration",
+    ["transport"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+CALL_BARGE_INS = Counter(
+    "glmv_gateway_call_barge_ins_total", "Reply audio flushed because the caller spoke", ["transport"]
+)
+CALL_SPEECH_END_TO_FIRST_AUDIO = Histogram(
+    "glmv_gateway_call_speech_end_to_first_audio_seconds",
+    "End of the caller's speech to the first reply audio frame sent to the phone side",
+    ["transport"],
+    buckets=_LATENCY,
+)
+CALL_REFUSED = Counter("glmv_gateway_calls_refused_total", "Calls refused at start", ["transport", "reason"])
+CALL_DTMF = Counter("glmv_gateway_call_dtmf_total", "DTMF digits received", ["transport"])
+MALFORMED_FRAMES = Counter(
+    "glmv_gateway_telephony_malformed_frames_total", "Calls ended by a malformed frame", ["transport", "why"]
+)

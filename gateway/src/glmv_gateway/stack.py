@@ -155,7 +155,7 @@ class LocalStack:
         self._spawn(component, [script(f"glmv-{component}"), "serve"], self._env(component))
 
     def start(self, timeout: float = 180.0) -> LocalStack:
-        for name in (*COMPONENTS, *(f"{c}_metrics" for c in COMPONENTS), "gateway"):
+        for name in (*COMPONENTS, *(f"{c}_metrics" for c in COMPONENTS), "gateway", "audiosocket"):
             self.ports.setdefault(name, free_port())
         self._ensure_redis()
         for component in COMPONENTS:
@@ -165,6 +165,7 @@ class LocalStack:
             {
                 "GLMV_GATEWAY_HOST": "127.0.0.1",
                 "GLMV_GATEWAY_PORT": str(self.ports["gateway"]),
+                "GLMV_GATEWAY_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
                 "GLMV_GATEWAY_REDIS_URL": self.redis_url,
                 "GLMV_GATEWAY_TOKENIZER_ADDR": self.addr("tokenizer"),
                 "GLMV_GATEWAY_LM_ADDR": self.addr("lm"),

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import health, jobs, sessions, turns, ws
+from glmv_gateway.api import health, jobs, sessions, telephony, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.state import AppState
+from glmv_gateway.api.telephony.audiosocket import AudioSocketServer
+from glmv_gateway.api.telephony.calls import CallManager
 from glmv_gateway.clients import ServiceClients, compatibility_problems
 from glmv_gateway.jobs.worker import make_celery
 from glmv_gateway.sessions import SessionStore
@@ -30,7 +32,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.redis_url, settings.session_ttl_s, settings.lock_ttl_s, settings.redis_timeout_s
         )
         clients = ServiceClients(settings.tokenizer_addr, settings.lm_addr, settings.decoder_addr)
-        app.state.glmv = AppState(settings=settings, store=store, clients=clients)
+        calls = CallManager(store, clients, settings)
+        app.state.glmv = AppState(settings=settings, store=store, clients=clients, calls=calls)
+        audiosocket = AudioSocketServer(calls, settings) if settings.audiosocket_port else None
+        if audiosocket is not None:
+            await audiosocket.start()
         app.state.celery = make_celery(settings)
         try:
             problems = compatibility_problems(await clients.infos())
@@ -41,6 +47,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         except Exception as exc:  # services may start after the gateway; /readyz reports it
             log.warning("model services not reachable yet: %s", exc)
         yield
+        if audiosocket is not None:
+            await audiosocket.stop()
+        await calls.close()
         await clients.close()
         await store.redis.aclose()
 
@@ -56,6 +65,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(turns.router)
     app.include_router(ws.router)
     app.include_router(jobs.router)
+    app.include_router(telephony.router)
     return app
 
 
