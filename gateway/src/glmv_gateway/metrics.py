@@ -62,3 +62,12 @@ CALL_DTMF = Counter("glmv_gateway_call_dtmf_total", "DTMF digits received", ["tr
 MALFORMED_FRAMES = Counter(
     "glmv_gateway_telephony_malformed_frames_total", "Calls ended by a malformed frame", ["transport", "why"]
 )
+for _transport in ("twilio", "audiosocket"):  # exported from the start, before the first call
+    ACTIVE_CALLS.labels(transport=_transport)
+    CALLS.labels(transport=_transport, end="hangup")
+    CALL_SECONDS.labels(transport=_transport)
+    CALL_BARGE_INS.labels(transport=_transport)
+    CALL_SPEECH_END_TO_FIRST_AUDIO.labels(transport=_transport)
+    CALL_REFUSED.labels(transport=_transport, reason="call_limit")
+    CALL_DTMF.labels(transport=_transport)
+MALFORMED_FRAMES.labels(transport="audiosocket", why="bad_kind")

@@ -127,11 +127,15 @@ class Call:
         with log_context(session_id=self.session_id):
             log.info("dtmf", extra=kv(call_id=self.call_id, digit=digit))
 
-    def start_timer(self, on_expiry: Callable[[], Awaitable[None]]) -> None:
-        """Hang up (``on_expiry``) when the call reaches the maximum duration."""
+    def start_timer(self, on_expiry: Callable[[], Awaitable[None]], max_s: float | None = None) -> None:
+        """Hang up (``on_expiry``) when the call reaches the maximum duration (``max_s`` may only
+        lower the configured one)."""
+        limit = self.manager.config.telephony_max_call_s
+        if max_s is not None and max_s > 0:
+            limit = min(limit, max_s)
 
         async def expire() -> None:
-            await asyncio.sleep(self.manager.config.telephony_max_call_s)
+            await asyncio.sleep(limit)
             if self.end_reason is None:
                 self.end_reason = "max_duration"
             await on_expiry()

@@ -307,7 +307,11 @@ async def twilio_stream(websocket: WebSocket) -> None:
     async def hang_up() -> None:
         await call.conversation.close()
 
-    call.start_timer(hang_up)
+    try:
+        max_s: float | None = float((body.get("customParameters") or {}).get("max_call_s", ""))
+    except ValueError:
+        max_s = None
+    call.start_timer(hang_up, max_s)
     with log_context(session_id=call.session_id):
         try:
             await call.greet((body.get("customParameters") or {}).get("greeting"))
