@@ -20,11 +20,11 @@ from websockets.exceptions import InvalidStatus
 
 from glmv_gateway.api.telephony.audiosocket import Malformed, PeerHungUp, frame, read_frame
 from glmv_gateway.api.telephony.twilio import signature
-from glmv_gateway.phone_sim import AudioSocketCall, TwilioCall
+from glmv_gateway.phone_sim import AudioSocketCall, TwilioCall, silence, speech
 from glmv_gateway.sessions import key_digest
 from glmv_gateway.stack import LocalStack
 
-from .conftest import start_stack
+from .conftest import SAMPLE, start_stack
 
 TOKEN = "test-twilio-auth-token"
 PROFILE = {
@@ -337,4 +337,209 @@ def test_audiosocket_first_frame_must_be_the_uuid(phone_stack: LocalStack) -> No
 
     peer = run(body())
     assert peer.hung_up.is_set() and not peer.audio_frames
+    assert_nothing_leaked(phone_stack)
+
+
+# --- whole calls (speech, server-side turn detection) -----------------------------------------------------
+
+# a reply long enough to interrupt: the dev LM with this seed keeps talking for seconds
+LONG = {"max_new_tokens": 2000, "seed": 7, "temperature": 1.0, "top_p": 1.0, "chunk_schedule": [4]}
+
+
+def question(encoding: str) -> bytes:
+    return speech(SAMPLE, 8000, encoding)
+
+
+def test_twilio_call_with_two_spoken_turns_dtmf_and_stop(phone_stack: LocalStack) -> None:
+    words = question("mulaw")
+
+    async def body() -> TwilioCall:
+        async with TwilioCall(
+            twilio_url(phone_stack), headers=signed(phone_stack), parameters={"greeting": ""}
+        ) as sim:
+            await sim.send_audio(silence(0.3, 8000, "mulaw"))
+            for turn in (1, 2):
+                await sim.send_audio(words, speech=True)
+                ended = sim.speech_ended_at[-1]
+                assert await sim.send_silence_until(
+                    lambda e=ended: sim.first_reply_after(e) is not None, 120
+                ), f"no reply to turn {turn}"
+                # the reply plays out: every mark comes back as played
+                assert await sim.send_silence_until(
+                    lambda: sim.marks_sent and sim.played_marks == sim.marks_sent and not sim.buffered_bytes,
+                    120,
+                )
+                if turn == 1:
+                    await sim.dtmf("7")
+            await sim.stop()
+            await asyncio.wait_for(sim.closed.wait(), 20)
+            return sim
+
+    sim = run(body())
+    assert not sim.clears and not sim.cleared_marks
+    session_id, record = call_record(phone_stack, sim.call_sid)
+    assert record["end"] == "stop" and record["dtmf"] == "7" and record["turns"] == 2
+    assert len(record["speech_end_to_first_audio_ms"]) == 2
+    turns = history(phone_stack, session_id)
+    assert [t["user"]["kind"] for t in turns] == ["audio", "audio"]
+    assert all(not t["assistant"].get("truncated") for t in turns)
+    assert_nothing_leaked(phone_stack)
+
+
+def test_twilio_barge_in_clears_and_cuts_history_at_the_last_echoed_mark(phone_stack: LocalStack) -> None:
+    words = question("mulaw")
+
+    def played_ms(sim: TwilioCall) -> int:
+        return int(sim.played_marks[-1].rsplit(":", 1)[1]) if sim.played_marks else 0
+
+    async def body() -> tuple[TwilioCall, int]:
+        parameters = {"settings": json.dumps(LONG), "greeting": GREETING}
+        async with TwilioCall(
+            twilio_url(phone_stack), headers=signed(phone_stack), parameters=parameters
+        ) as sim:
+            # the greeting plays for a second, then the caller talks over it
+            assert await sim.send_silence_until(lambda: played_ms(sim) >= 1000, 120), "greeting too short"
+            heard_before = played_ms(sim)
+            await sim.send_audio(words, speech=True)
+            assert await sim.send_silence_until(lambda: sim.clears, 60), "no clear after barge-in"
+            await sim.stop()
+            await asyncio.wait_for(sim.closed.wait(), 20)
+            return sim, heard_before
+
+    sim, heard_before = run(body())
+    session_id, record = call_record(phone_stack, sim.call_sid)
+    assert record["barge_ins"] >= 1 and sim.cleared_marks
+    greeting = history(phone_stack, session_id)[0]
+    assistant = greeting["assistant"]
+    assert assistant["truncated"] is True
+    echoed = {int(name.rsplit(":", 1)[1]) for name in sim.played_marks}
+    # the stored reply ends exactly at a mark Twilio echoed as played, no earlier than what had
+    # played when the caller started talking, and before the end of what was sent
+    assert round(assistant["heard_ms"]) in echoed
+    assert heard_before <= assistant["heard_ms"] < int(sim.marks_sent[-1].rsplit(":", 1)[1])
+    assert_nothing_leaked(phone_stack)
+
+
+def frames_ms(peer: AudioSocketCall) -> float:
+    return sum(len(p) for _, _, p in peer.audio_frames) / 16  # 8 kHz s16le: 16 bytes per ms
+
+
+def test_audiosocket_call_two_turns_pacing_and_peer_hang_up(phone_stack: LocalStack) -> None:
+    words = question("pcm16")
+
+    async def body() -> AudioSocketCall:
+        async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"]) as peer:
+            await peer.send_audio(silence(0.3, 8000))
+            # the greeting (the assistant speaks first), then two spoken turns
+            assert await peer.send_silence_until(lambda: peer.audio_frames, 120), "no greeting"
+            for turn in (1, 2):
+                count = len(peer.audio_frames)
+                await peer.send_silence_until(lambda c=count: False, 1.0)  # let the greeting/reply finish
+                while len(peer.audio_frames) != count:
+                    count = len(peer.audio_frames)
+                    await peer.send_silence_until(lambda: False, 0.5)
+                await peer.send_audio(words, speech=True)
+                ended = peer.speech_ended_at[-1]
+                assert await peer.send_silence_until(lambda e=ended: peer.first_reply_after(e), 120), turn
+                if turn == 1:
+                    peer.dtmf("9")
+            await peer.send_silence_until(lambda: False, 0.5)
+            await peer.hang_up()
+            return peer
+
+    peer = run(body())
+    assert not peer.hung_up.is_set(), "the server must not hang up a call the peer ended"
+    kinds = {kind for _, kind, _ in peer.frames}
+    assert kinds == {0x10}, f"only 8 kHz audio frames may be sent, got {kinds}"
+    assert all(len(p) == 320 for _, _, p in peer.audio_frames)
+    session_id, record = call_record(phone_stack, str(peer.uuid))
+    assert record["end"] == "hangup" and record["dtmf"] == "9" and record["turns"] == 3
+    turns = history(phone_stack, session_id)
+    assert [t["user"]["kind"] for t in turns] == ["text", "audio", "audio"]
+    assert_nothing_leaked(phone_stack)
+
+
+def test_audiosocket_barge_in_stops_sending_and_pacing_is_real_time(phone_stack: LocalStack) -> None:
+    words = question("pcm16")
+    call = uuid.uuid4()
+    db = rdb(phone_stack)
+
+    # a long greeting reply: the session is made here, the UUID is mapped to it, and AudioSocket
+    # resumes it (the same path as Asterisk reconnecting the same call)
+    auth = {"Authorization": f"Bearer {phone_stack.api_key}"}
+    settings = {**PROFILE, **LONG, "mode": "audio"}
+    sid = httpx.post(f"{phone_stack.gateway_url}/v1/sessions", json=settings, headers=auth).json()["id"]
+    db.set(f"glmv:call:audiosocket:{call}", sid)
+
+    async def body() -> tuple[AudioSocketCall, float, float]:
+        async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"], call_uuid=call) as peer:
+            assert await peer.send_silence_until(lambda: frames_ms(peer) >= 1500, 120), "greeting too short"
+            heard_before = frames_ms(peer)
+            await peer.send_audio(words[: 16 * 1500], speech=True)  # 1.5 s of the question
+            ended = peer.speech_ended_at[-1]
+            await peer.send_silence_until(lambda: False, 1.5)
+            received = frames_ms(peer)
+            await peer.send_silence_until(lambda: False, 1.0)
+            assert frames_ms(peer) == received, "audio still flowing after the barge-in"
+            await peer.hang_up()
+            return peer, heard_before, ended
+
+    peer, heard_before, ended = run(body())
+    frames = peer.audio_frames
+    # pacing: the frames of the first 1.5 s arrived at real time (20 ms each), within 5 %
+    window = [at for at, _, _ in frames[:75]]
+    expected = (len(window) - 1) * 0.02
+    assert abs((window[-1] - window[0]) - expected) <= 0.05 * expected, (window[-1] - window[0], expected)
+    # barge-in: nothing sent after the caller's speech, and history keeps what was sent before
+    assert sum(1 for at, _, _ in frames if at > ended) == 0
+    session_id, record = call_record(phone_stack, str(call))
+    assert record["barge_ins"] >= 1
+    assistant = history(phone_stack, session_id)[0]["assistant"]
+    assert assistant["truncated"] is True
+    assert heard_before <= assistant["heard_ms"] <= frames_ms(peer)
+    assert_nothing_leaked(phone_stack)
+
+
+def test_twenty_concurrent_calls(phone_stack: LocalStack) -> None:
+    mulaw, pcm = question("mulaw"), question("pcm16")
+
+    async def twilio_call() -> tuple[str, bool]:
+        async with TwilioCall(
+            twilio_url(phone_stack), headers=signed(phone_stack), parameters={"greeting": ""}
+        ) as sim:
+            await sim.send_audio(silence(0.2, 8000, "mulaw"))
+            await sim.send_audio(mulaw, speech=True)
+            ended = sim.speech_ended_at[-1]
+            ok = await sim.send_silence_until(lambda: sim.first_reply_after(ended) is not None, 180)
+            await sim.stop()
+            await asyncio.wait_for(sim.closed.wait(), 30)
+            return sim.call_sid, ok
+
+    async def audiosocket_call() -> tuple[str, bool]:
+        async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"]) as peer:
+            await peer.send_audio(silence(0.2, 8000))
+            await peer.send_audio(pcm, speech=True)
+            ended = peer.speech_ended_at[-1]
+            ok = await peer.send_silence_until(lambda: peer.first_reply_after(ended) is not None, 180)
+            await peer.hang_up()
+            return str(peer.uuid), ok
+
+    async def body() -> list[tuple[str, bool]]:
+        return list(
+            await asyncio.gather(
+                *(twilio_call() for _ in range(10)), *(audiosocket_call() for _ in range(10))
+            )
+        )
+
+    results = run(body(), timeout=400)
+    assert all(ok for _, ok in results), results
+    for call_id, _ in results:
+        _, record = call_record(phone_stack, call_id)
+        assert record["end"] in ("stop", "hangup") and record["turns"] >= 1
+    text = httpx.get(phone_stack.metrics_url("gateway")).text
+    assert "glmv_gateway_errors_total{" not in text or all(
+        float(line.rsplit(" ", 1)[1]) == 0
+        for line in text.splitlines()
+        if line.startswith("glmv_gateway_errors_total{")
+    )
     assert_nothing_leaked(phone_stack)
