@@ -115,14 +115,21 @@ def test_bad_frames_get_error_events_and_the_socket_survives(
             event = json.loads(ws.recv(timeout=10))
             assert event["type"] == "error" and expected in event["message"], (bad, event)
         ws.send(b"\x01\x02\x03")  # odd byte count: not PCM16
-        ws.send(json.dumps({"type": "commit"}))
         event = json.loads(ws.recv(timeout=10))
         assert event["type"] == "error" and event["status"] == 400 and "truncated" in event["message"]
+        ws.send(json.dumps({"type": "commit"}))  # nothing to commit: an explicit error, no turn
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and "no user audio to commit" in event["message"], event
+        ws.send(json.dumps({"type": "cancel"}))  # nothing to cancel: an explicit error
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and "no reply to cancel" in event["message"], event
+        ws.send(json.dumps({"type": "text", "text": "x" * 20_001}))  # the HTTP text cap holds here too
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and event["status"] == 413 and "20000" in event["message"], event
         for _ in range(21):  # 21 s of audio: over the 20 s limit of the test stack
             ws.send(np.zeros(16000, np.int16).tobytes())
         event = json.loads(ws.recv(timeout=10))
         assert event["type"] == "error" and event["status"] == 413 and "discarded" in event["message"]
-        ws.send(json.dumps({"type": "commit"}))  # nothing left to commit: no turn, no error
         ws.send(np.zeros(16000, np.int16).tobytes())  # one second of silence is fine
         ws.send(json.dumps({"type": "commit"}))
         events, _ = receive_until(ws, {"turn.done"})

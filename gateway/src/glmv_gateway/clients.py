@@ -100,6 +100,73 @@ class TokenizerStream:
         self._reader.cancel()
 
 
+class ListenStream:
+    """One Listen call: continuous audio in; speech started / stopped and utterance events out.
+
+    Requests are queued, so the sending methods never wait for the service; :meth:`events` yields
+    the service's ``ListenEvent`` messages until the stream ends (after :meth:`close` the service
+    finishes an utterance in progress first). gRPC failures surface as :class:`ComponentError`.
+    """
+
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall, requests: asyncio.Queue[tokenizer_pb2.ListenRequest | None]
+    ) -> None:
+        self.call = call
+        self._requests = requests
+        self._closed = False
+        self._cancelled = False
+
+    async def _put(self, message: tokenizer_pb2.ListenRequest) -> None:
+        if self._closed:
+            raise RuntimeError("the listen stream is closed")
+        await self._requests.put(message)
+
+    async def send_audio(self, data: bytes, encoding: int, sample_rate: int, channels: int = 1) -> None:
+        """Raw audio; ``encoding`` is an ``AudioEncoding`` value (the first chunk fixes the format)."""
+        chunk = common_pb2.AudioChunk(
+            data=data, encoding=int(encoding), sample_rate=sample_rate, channels=channels
+        )
+        await self._put(tokenizer_pb2.ListenRequest(audio=chunk))
+
+    async def commit(self) -> None:
+        await self._put(_control(tokenizer_pb2.ListenControl.KIND_COMMIT))
+
+    async def clear(self) -> None:
+        await self._put(_control(tokenizer_pb2.ListenControl.KIND_CLEAR))
+
+    async def configure(self, vad: tokenizer_pb2.VadConfig | None) -> None:
+        """New detection settings from the next audio on (``None``: detection off)."""
+        config = tokenizer_pb2.ListenConfig(vad=vad or tokenizer_pb2.VadConfig(enabled=False))
+        await self._put(tokenizer_pb2.ListenRequest(config=config))
+
+    async def close(self) -> None:
+        """Half-close: no more audio; events continue until the service ends the stream."""
+        if not self._closed:
+            self._closed = True
+            await self._requests.put(None)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._closed = True
+        self.call.cancel()
+
+    async def events(self) -> AsyncIterator[tokenizer_pb2.ListenEvent]:
+        try:
+            async for event in self.call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise ComponentError.from_rpc("tokenizer", error) from None
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+
+
+def _control(kind: int) -> tokenizer_pb2.ListenRequest:
+    return tokenizer_pb2.ListenRequest(control=tokenizer_pb2.ListenControl(kind=kind))  # type: ignore[arg-type]
+
+
 class ServiceClients:
     def __init__(self, tokenizer_addr: str, lm_addr: str, decoder_addr: str, retries: int = 2) -> None:
         options = [
@@ -183,6 +250,28 @@ class ServiceClients:
             requests(), timeout=timeout, metadata=_metadata(request_id, session_id)
         )
         return TokenizerStream(call, queue)
+
+    def listen(
+        self,
+        *,
+        request_id: str,
+        session_id: str,
+        vad: tokenizer_pb2.VadConfig | None,
+        timeout: float,
+    ) -> ListenStream:
+        """Open a Listen stream; ``vad=None`` means manual turns (the caller commits)."""
+        queue: asyncio.Queue[tokenizer_pb2.ListenRequest | None] = asyncio.Queue()
+        config = tokenizer_pb2.ListenConfig(
+            vad=vad or tokenizer_pb2.VadConfig(enabled=False), request_id=request_id, session_id=session_id
+        )
+        queue.put_nowait(tokenizer_pb2.ListenRequest(config=config))
+
+        async def requests() -> AsyncIterator[tokenizer_pb2.ListenRequest]:
+            while (msg := await queue.get()) is not None:
+                yield msg
+
+        call = self.tokenizer.Listen(requests(), timeout=timeout, metadata=_metadata(request_id, session_id))
+        return ListenStream(call, queue)
 
     def generate(self, request: lm_pb2.GenerateRequest, *, timeout: float) -> grpc.aio.UnaryStreamCall:
         return self.lm.Generate(

@@ -20,11 +20,11 @@ Requests join and leave between forward passes:
   :class:`TokenStream` is the asyncio sink: ``loop.call_soon_threadsafe`` into an unbounded per-request
   queue, so a slow client never stalls the batch and no token is ever dropped or reordered.
 
-Stop rules (research spec §3.4/§3.5): ``<|user|>`` ends the turn (END_TOKEN), any other EOS id of the
-checkpoint ends it (EOS); neither stop token is streamed. ``max_new_tokens`` (clipped to the context
-window) gives MAX_TOKENS, the per-reply audio cap gives AUDIO_CAP (the cap-th audio token is streamed,
-then the reply ends; with a cap of 0 the first audio token is not streamed). Ids at or beyond
-``TokenSpec.vocab_limit`` (the vocabulary's padding rows) are masked before sampling.
+Stop rules (docs/architecture.md, "Reference deviations: LM"): ``<|user|>`` ends the turn (END_TOKEN),
+any other EOS id of the checkpoint ends it (EOS); neither stop token is streamed. ``max_new_tokens``
+(clipped to the context window) gives MAX_TOKENS, the per-reply audio cap gives AUDIO_CAP (the cap-th
+audio token is streamed, then the reply ends; with a cap of 0 the first audio token is not streamed).
+Ids at or beyond ``TokenSpec.vocab_limit`` (the vocabulary's padding rows) are masked before sampling.
 """
 
 from __future__ import annotations

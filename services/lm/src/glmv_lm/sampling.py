@@ -21,7 +21,7 @@ import torch
 from glmv_common.errors import InvalidRequest
 
 # The reference web demo's UI values (temperature 0.2, top_p 0.8, max_new_tokens 2000) and
-# transformers 4.44's default top_k of 50 (research spec §3.4).
+# transformers 4.44's default top_k of 50 (docs/architecture.md, "Reference deviations: LM").
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.8
 DEFAULT_TOP_K = 50

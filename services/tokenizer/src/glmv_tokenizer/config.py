@@ -154,8 +154,8 @@ def published_config(
 ) -> dict[str, Any]:
     """The published ``glm-4-voice-tokenizer/config.json`` with selectable dimensions.
 
-    Defaults are the published values (research spec §1.2); the Whisper-large-v3 leftovers are kept
-    so that a written file has the same key set as the real one.
+    Defaults are the published values (docs/architecture.md, "Tokenizer"); the Whisper-large-v3
+    leftovers are kept so that a written file has the same key set as the real one.
     """
     return {
         "_name_or_path": "glm-4-voice-tokenizer",

@@ -48,3 +48,13 @@ def measured(
         return results
 
     return forward
+
+
+LISTEN_ACTIVE = Gauge("glmv_tokenizer_listen_streams", "Listen streams open now")
+UTTERANCES = Counter(
+    "glmv_tokenizer_listen_utterances_total",
+    "Listen utterances by how they ended (vad, commit, close, cleared)",
+    ["end"],
+)
+VAD_AUDIO_SECONDS = Counter("glmv_tokenizer_vad_audio_seconds_total", "Audio scored by the VAD (seconds)")
+VAD_MODEL_SECONDS = Counter("glmv_tokenizer_vad_model_seconds_total", "VAD model time (seconds)")

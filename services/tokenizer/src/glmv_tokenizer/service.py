@@ -8,6 +8,7 @@ whole utterance run in ``asyncio.to_thread``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -18,7 +19,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from glmv_common import audio as gaudio
-from glmv_common.errors import AudioError, GlmvError
+from glmv_common.errors import AudioError, GlmvError, InvalidRequest
 from glmv_common.logs import get_logger, log_context
 from glmv_common.settings import ServiceSettings
 from glmvoice.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
@@ -26,8 +27,10 @@ from glmvoice.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from . import metrics
 from .batcher import DynamicBatcher
 from .features import SAMPLE_RATE
+from .listen import ListenSession, VadSettings
 from .streaming import StreamPlan, make_plan
 from .tokenizer import SpeechTokenizer, WindowRequest, prepare_audio
+from .vad import SileroModel
 
 log = get_logger(__name__)
 
@@ -121,6 +124,65 @@ class TokenizerServicer(tokenizer_pb2_grpc.SpeechTokenizerServicer):
         except GlmvError as exc:
             await context.abort(*_invalid(exc))
 
+    async def Listen(
+        self,
+        request_iterator: AsyncIterator[tokenizer_pb2.ListenRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        # A coroutine writing through the context rather than an async generator: a cancelled
+        # generator suspended at a yield is only closed when it is garbage collected, which would
+        # leave the stream counted as open.
+        metrics.LISTEN_ACTIVE.inc()
+        try:
+            async with contextlib.aclosing(self._listen(request_iterator, context)) as events:
+                async for event in events:
+                    await context.write(event)
+        finally:
+            metrics.LISTEN_ACTIVE.dec()
+
+    async def _listen(
+        self,
+        request_iterator: AsyncIterator[tokenizer_pb2.ListenRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tokenizer_pb2.ListenEvent]:
+        svc = self._service
+        meta = {k: v for k, v in (context.invocation_metadata() or ())}
+        ids = {"request_id": meta.get("x-request-id") or None, "session_id": meta.get("x-session-id") or None}
+        session = ListenSession(submit=svc.submit, new_plan=svc.new_plan, vad_model=svc.vad_model)
+        stream = _StreamDecoder()
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("msg")
+                if kind == "config":
+                    cfg = message.config
+                    ids["request_id"] = cfg.request_id or ids["request_id"]
+                    ids["session_id"] = cfg.session_id or ids["session_id"]
+                with log_context(**ids):
+                    if kind == "config":
+                        session.configure(VadSettings.from_proto(message.config.vad))
+                        log.info("listen settings", extra={"vad": repr(session.settings)})
+                    elif kind == "audio":
+                        async for event in session.audio(stream.decode(message.audio)):
+                            yield event
+                    elif kind == "control":
+                        ctl = message.control.kind
+                        if ctl == tokenizer_pb2.ListenControl.KIND_COMMIT:
+                            async for event in session.commit():
+                                yield event
+                        elif ctl == tokenizer_pb2.ListenControl.KIND_CLEAR:
+                            yield session.clear()
+                        else:
+                            raise InvalidRequest("control.kind must be KIND_COMMIT or KIND_CLEAR")
+                    else:
+                        raise InvalidRequest("empty ListenRequest: set config, audio or control")
+            with log_context(**ids):
+                async for event in session.close(stream.flush()):
+                    yield event
+        except GlmvError as exc:
+            with log_context(**ids):
+                log.info("listen stream refused: %s", exc)
+            await context.abort(*_invalid(exc))
+
     async def GetInfo(
         self, request: common_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:
@@ -207,6 +269,7 @@ class TokenizerService:
                 s.model_dir, s.device, s.dtype, s.max_windows_per_forward
             )
         tok = self._tokenizer
+        SileroModel.shared()  # the Listen RPC's VAD, loaded now rather than on the first stream
         self._batcher = DynamicBatcher(
             metrics.measured(tok.tokenize_batch, _audio_seconds),
             max_batch=s.max_batch_size if s.batching else 1,
@@ -228,6 +291,10 @@ class TokenizerService:
         if samples.shape[0] == 0:
             raise AudioError("audio is empty (no samples)")
         return prepare_audio(samples, rate, self.settings.max_audio_seconds)
+
+    def vad_model(self) -> SileroModel:
+        """The process-wide Silero model, loaded on first use."""
+        return SileroModel.shared()
 
     def new_plan(self) -> StreamPlan:
         return make_plan(self.tokenizer, self.settings.max_audio_seconds)
