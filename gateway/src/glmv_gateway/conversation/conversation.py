@@ -108,6 +108,7 @@ class Conversation:
         self._listen: ListenStream | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._pending_bytes = 0  # user audio since the last utterance ended
+        self._in_speech = False  # server_vad: the detector heard speech start and not yet its end
         self._turn_task: asyncio.Task[None] | None = None
         self._run: TurnRun | None = None  # the current (or last) reply
         self._played_ms: float | None = None
@@ -200,7 +201,9 @@ class Conversation:
             return
         limit_bytes = self.config.max_upload_bytes
         limit_s = self.config.max_audio_seconds
-        self._pending_bytes += len(data)
+        if self.turn_detection == "none" or self._in_speech:
+            # with server-side detection only an utterance counts, not the line's silence between them
+            self._pending_bytes += len(data)
         if self._pending_bytes > limit_bytes or self._pending_bytes / fmt.bytes_per_second > limit_s:
             self._drop_listen()
             self.error(
@@ -469,6 +472,7 @@ class Conversation:
     def _drop_listen(self) -> None:
         stream, task = self._listen, self._listen_task
         self._listen, self._listen_task, self._pending_bytes = None, None, 0
+        self._in_speech = False
         if stream is not None:
             stream.cancel()
         if task is not None and not task.done() and task is not asyncio.current_task():
@@ -499,6 +503,7 @@ class Conversation:
         kind = event.WhichOneof("msg")
         td = self.settings.turn_detection
         if kind == "speech_started":
+            self._in_speech, self._pending_bytes = True, 0
             self.emit(
                 SpeechStarted(
                     utterance=event.speech_started.utterance,
@@ -517,7 +522,7 @@ class Conversation:
             )
         elif kind == "done":
             done = event.done
-            self._pending_bytes = 0
+            self._pending_bytes, self._in_speech = 0, False
             by = "client" if done.committed else "vad"
             if not done.tokens:
                 if done.committed:
@@ -542,4 +547,4 @@ class Conversation:
                 self.pending_inputs.append(user)
                 self._pending_speech_end = ended
         elif kind == "cleared":
-            self._pending_bytes = 0
+            self._pending_bytes, self._in_speech = 0, False
