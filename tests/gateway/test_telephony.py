@@ -32,7 +32,8 @@ PROFILE = {
     "seed": 1234,
     "temperature": 0.8,
     "top_p": 1.0,
-    "turn_detection": {"type": "server_vad", "silence_duration_ms": 400},
+    # the sample's 0.4 s pause after "Hello." must not end the utterance
+    "turn_detection": {"type": "server_vad", "silence_duration_ms": 800},
 }
 GREETING = "Greet the caller."
 
@@ -45,6 +46,7 @@ def phone_stack(
         dev_models,
         tmp_path_factory.mktemp("phone-stack"),
         db=10,
+        prefix_cache=False,  # the seeded long greeting must not depend on earlier calls
         GLMV_GATEWAY_TWILIO_AUTH_TOKEN=TOKEN,
         GLMV_GATEWAY_TELEPHONY_PROFILE=json.dumps(PROFILE),
         GLMV_GATEWAY_TELEPHONY_GREETING=GREETING,
@@ -342,8 +344,8 @@ def test_audiosocket_first_frame_must_be_the_uuid(phone_stack: LocalStack) -> No
 
 # --- whole calls (speech, server-side turn detection) -----------------------------------------------------
 
-# a reply long enough to interrupt: the dev LM with this seed keeps talking for seconds
-LONG = {"max_new_tokens": 2000, "seed": 7, "temperature": 1.0, "top_p": 1.0, "chunk_schedule": [4]}
+# a greeting long enough to interrupt: with this seed the dev LM talks for about 7 s
+LONG = {"max_new_tokens": 2000, "seed": 6, "temperature": 1.0, "top_p": 1.0, "chunk_schedule": [4]}
 
 
 def question(encoding: str) -> bytes:
@@ -420,6 +422,27 @@ def test_twilio_barge_in_clears_and_cuts_history_at_the_last_echoed_mark(phone_s
     assert_nothing_leaked(phone_stack)
 
 
+def test_twilio_hang_up_mid_reply_stores_the_partial_turn(phone_stack: LocalStack) -> None:
+    async def body() -> TwilioCall:
+        parameters = {"settings": json.dumps(LONG), "greeting": GREETING}
+        sim = TwilioCall(twilio_url(phone_stack), headers=signed(phone_stack), parameters=parameters)
+        await sim.connect()
+        assert await sim.send_silence_until(lambda: sim.played_marks, 120), "no greeting"
+        await sim.close()  # the caller hangs up: the socket closes without a stop message
+        return sim
+
+    sim = run(body())
+    session_id, record = call_record(phone_stack, sim.call_sid)
+    assert record["end"] == "hangup"
+    first = history(phone_stack, session_id)[0]
+    assistant = first["assistant"]
+    # cut to what had played: the first chunk or so, not the seconds generated
+    assert assistant["truncated"] is True
+    played = max(int(name.rsplit(":", 1)[1]) for name in sim.played_marks)
+    assert played <= assistant["heard_ms"] < first["timings"]["audio_ms"]
+    assert_nothing_leaked(phone_stack)
+
+
 def frames_ms(peer: AudioSocketCall) -> float:
     return sum(len(p) for _, _, p in peer.audio_frames) / 16  # 8 kHz s16le: 16 bytes per ms
 
@@ -471,32 +494,36 @@ def test_audiosocket_barge_in_stops_sending_and_pacing_is_real_time(phone_stack:
     sid = httpx.post(f"{phone_stack.gateway_url}/v1/sessions", json=settings, headers=auth).json()["id"]
     db.set(f"glmv:call:audiosocket:{call}", sid)
 
-    async def body() -> tuple[AudioSocketCall, float, float]:
+    async def body() -> tuple[AudioSocketCall, float, float, float]:
         async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"], call_uuid=call) as peer:
-            assert await peer.send_silence_until(lambda: frames_ms(peer) >= 1500, 120), "greeting too short"
+            assert await peer.send_silence_until(lambda: frames_ms(peer) >= 1500, 120), "no greeting"
             heard_before = frames_ms(peer)
-            await peer.send_audio(words[: 16 * 1500], speech=True)  # 1.5 s of the question
+            started = time.perf_counter()
+            await peer.send_audio(words[: 16 * 2000], speech=True)  # 2 s of the question
             ended = peer.speech_ended_at[-1]
-            await peer.send_silence_until(lambda: False, 1.5)
-            received = frames_ms(peer)
-            await peer.send_silence_until(lambda: False, 1.0)
-            assert frames_ms(peer) == received, "audio still flowing after the barge-in"
+            await peer.send_silence_until(lambda: False, 2.0)
             await peer.hang_up()
-            return peer, heard_before, ended
+            return peer, heard_before, started, ended
 
-    peer, heard_before, ended = run(body())
+    peer, heard_before, started, ended = run(body())
     frames = peer.audio_frames
-    # pacing: the frames of the first 1.5 s arrived at real time (20 ms each), within 5 %
+    # pacing: the first 1.5 s of the greeting arrived at real time (20 ms per frame), within 5 %
     window = [at for at, _, _ in frames[:75]]
     expected = (len(window) - 1) * 0.02
     assert abs((window[-1] - window[0]) - expected) <= 0.05 * expected, (window[-1] - window[0], expected)
-    # barge-in: nothing sent after the caller's speech, and history keeps what was sent before
-    assert sum(1 for at, _, _ in frames if at > ended) == 0
     session_id, record = call_record(phone_stack, str(call))
+    first = history(phone_stack, session_id)[0]
+    greeting = first["assistant"]
+    assert first["timings"]["audio_ms"] > 4000, "the greeting is too short to test a barge-in"
+    # barge-in: once the detector heard the caller (well within 1 s) nothing more was sent until the
+    # reply to what the caller said could start (after the end of speech and the detector's silence)
+    late = [at - started for at, _, _ in frames if started + 1.0 < at < ended + 0.5]
+    assert not late, f"greeting audio still sent {late[0]:.2f} s into the caller's speech"
     assert record["barge_ins"] >= 1
-    assistant = history(phone_stack, session_id)[0]["assistant"]
-    assert assistant["truncated"] is True
-    assert heard_before <= assistant["heard_ms"] <= frames_ms(peer)
+    assert greeting["truncated"] is True
+    # history keeps what was sent before the cut: at least what had arrived when the caller spoke
+    sent_before_cut = sum(len(p) for at, _, p in frames if at < started + 1.0) / 16
+    assert heard_before <= greeting["heard_ms"] <= sent_before_cut
     assert_nothing_leaked(phone_stack)
 
 

@@ -156,6 +156,9 @@ class Call:
         self.end_reason = self.end_reason or reason or "hangup"
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
+        # the caller is gone: a reply still generating or still playing is stored as far as heard
+        with contextlib.suppress(Exception):
+            await self.conversation.interrupt(by="hangup")
         await self.conversation.close()
         duration = time.monotonic() - self.started
         await self.manager.finish(self, duration)
