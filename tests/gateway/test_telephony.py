@@ -257,8 +257,8 @@ def test_twilio_greeting_marks_dtmf_and_stop(phone_stack: LocalStack) -> None:
     assert len(turns) == 1 and (turns[0]["user"]["kind"], turns[0]["user"]["text"]) == ("text", GREETING)
     assert not turns[0]["assistant"].get("truncated")
     # the last mark names the reply's whole length (8 samples per ms of µ-law)
-    last_ms = int(sim.marks_sent[-1].rsplit(":", 1)[1])
-    assert last_ms == round(sum(len(p) for p in payloads) / 8)
+    last_ms = float(sim.marks_sent[-1].rsplit(":", 1)[1])
+    assert last_ms == sum(len(p) for p in payloads) / 8
     assert_nothing_leaked(phone_stack)
 
 
@@ -392,7 +392,7 @@ def test_twilio_barge_in_clears_and_cuts_history_at_the_last_echoed_mark(phone_s
     words = question("mulaw")
 
     def played_ms(sim: TwilioCall) -> int:
-        return int(sim.played_marks[-1].rsplit(":", 1)[1]) if sim.played_marks else 0
+        return float(sim.played_marks[-1].rsplit(":", 1)[1]) if sim.played_marks else 0
 
     async def body() -> tuple[TwilioCall, int]:
         parameters = {"settings": json.dumps(LONG), "greeting": GREETING}
@@ -414,11 +414,11 @@ def test_twilio_barge_in_clears_and_cuts_history_at_the_last_echoed_mark(phone_s
     greeting = history(phone_stack, session_id)[0]
     assistant = greeting["assistant"]
     assert assistant["truncated"] is True
-    echoed = {int(name.rsplit(":", 1)[1]) for name in sim.played_marks}
+    echoed = {float(name.rsplit(":", 1)[1]) for name in sim.played_marks}
     # the stored reply ends exactly at a mark Twilio echoed as played, no earlier than what had
     # played when the caller started talking, and before the end of what was sent
-    assert round(assistant["heard_ms"]) in echoed
-    assert heard_before <= assistant["heard_ms"] < int(sim.marks_sent[-1].rsplit(":", 1)[1])
+    assert any(abs(assistant["heard_ms"] - ms) <= 0.1 for ms in echoed), (assistant["heard_ms"], echoed)
+    assert heard_before <= assistant["heard_ms"] < float(sim.marks_sent[-1].rsplit(":", 1)[1])
     assert_nothing_leaked(phone_stack)
 
 
@@ -438,7 +438,7 @@ def test_twilio_hang_up_mid_reply_stores_the_partial_turn(phone_stack: LocalStac
     assistant = first["assistant"]
     # cut to what had played: the first chunk or so, not the seconds generated
     assert assistant["truncated"] is True
-    played = max(int(name.rsplit(":", 1)[1]) for name in sim.played_marks)
+    played = max(float(name.rsplit(":", 1)[1]) for name in sim.played_marks)
     assert played <= assistant["heard_ms"] < first["timings"]["audio_ms"]
     assert_nothing_leaked(phone_stack)
 
@@ -514,7 +514,8 @@ def test_audiosocket_barge_in_stops_sending_and_pacing_is_real_time(phone_stack:
     session_id, record = call_record(phone_stack, str(call))
     first = history(phone_stack, session_id)[0]
     greeting = first["assistant"]
-    assert first["timings"]["audio_ms"] > 4000, "the greeting is too short to test a barge-in"
+    # the greeting was still being generated when cut, or was long: either way it would have kept playing
+    assert greeting["partial"] or first["timings"]["audio_ms"] > 4000, "the greeting is too short"
     # barge-in: once the detector heard the caller (well within 1 s) nothing more was sent until the
     # reply to what the caller said could start (after the end of speech and the detector's silence)
     late = [at - started for at, _, _ in frames if started + 1.0 < at < ended + 0.5]

@@ -7,9 +7,10 @@ pointing at the stream endpoint, with ``<Parameter>``s (the caller's number, and
 ``WS /v1/telephony/twilio``: Twilio sends ``connected``, ``start`` (a call starts: its session is
 made from the call profile and the ``settings`` custom parameter, or ``session_id`` resumes one),
 ``media`` (8 kHz µ-law), ``dtmf``, ``mark`` (echo of ours) and ``stop``. We send the reply as
-``media`` messages of 20 ms µ-law, a ``mark`` after each reply chunk, and ``clear`` on barge-in.
-Twilio echoes a mark when the audio before it has played, so the echoed marks are the playback
-clock (``played``): an interrupted reply is stored as far as the caller heard it.
+``media`` messages of 20 ms µ-law, a ``mark`` after each reply chunk (named ``<turn id>:<ms of the
+reply sent so far>``), and ``clear`` on barge-in. Twilio echoes a mark when the audio before it has
+played, so the echoed marks are the playback clock (``played``): an interrupted reply is stored as
+far as the caller heard it.
 
 Both endpoints check ``X-Twilio-Signature`` (HMAC-SHA1 of the URL and the sorted form parameters,
 keyed by the account's auth token) when ``TWILIO_AUTH_TOKEN`` is set.
@@ -193,8 +194,8 @@ class TwilioCodec:
             payload = base64.b64encode(data[i : i + FRAME_BYTES]).decode()
             await self._send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}})
             self.call.audio_sent(self.turn_id)
-        end_ms = round(1000 * (event.sample_offset + len(data)) / event.sample_rate)
-        name = f"{self.turn_id}:{end_ms}"
+        end_ms = 1000 * (event.sample_offset + len(data)) / event.sample_rate
+        name = f"{self.turn_id}:{end_ms:.3f}"  # exact at 8 kHz: a whole reply echoed is a whole reply heard
         self.pending.append(name)
         await self._send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
 
@@ -252,8 +253,9 @@ class TwilioCodec:
         del self.pending[: self.pending.index(name) + 1]  # marks come back in order
         turn_id, _, ms = name.rpartition(":")
         run = self.conversation.current_turn
-        if run is not None and run.turn_id == turn_id and ms.isdigit():
-            self.conversation.played(float(ms))
+        if run is not None and run.turn_id == turn_id:
+            with contextlib.suppress(ValueError):
+                self.conversation.played(float(ms))
 
 
 async def _read_start(websocket: WebSocket) -> dict[str, Any] | None:
