@@ -575,3 +575,18 @@ def test_twenty_concurrent_calls(phone_stack: LocalStack) -> None:
         if line.startswith("glmv_gateway_errors_total{")
     )
     assert_nothing_leaked(phone_stack)
+
+
+def test_audiosocket_error_frame_from_the_peer_ends_the_call(phone_stack: LocalStack) -> None:
+    async def body() -> AudioSocketCall:
+        async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"]) as peer:
+            peer.dtmf("4")
+            peer.send_raw(b"\xff\x00\x01\x02")  # error 0x02: frame forwarding error
+            await asyncio.wait_for(peer.closed.wait(), 20)
+            return peer
+
+    peer = run(body())
+    assert peer.hung_up.is_set() and not peer.audio_frames
+    _, record = call_record(phone_stack, str(peer.uuid))
+    assert record["end"] == "peer_error_0x02" and record["dtmf"] == "4"
+    assert_nothing_leaked(phone_stack)
