@@ -590,3 +590,20 @@ def test_audiosocket_error_frame_from_the_peer_ends_the_call(phone_stack: LocalS
     _, record = call_record(phone_stack, str(peer.uuid))
     assert record["end"] == "peer_error_0x02" and record["dtmf"] == "4"
     assert_nothing_leaked(phone_stack)
+
+
+@pytest.mark.parametrize("rate", [16000, 12000])
+def test_audiosocket_replies_in_the_channel_rate(phone_stack: LocalStack, rate: int) -> None:
+    """slin16 (0x12) is produced directly; slin12 (0x11) is resampled from the next rate offered."""
+
+    async def body() -> AudioSocketCall:
+        async with AudioSocketCall("127.0.0.1", phone_stack.ports["audiosocket"], rate=rate) as peer:
+            assert await peer.send_silence_until(lambda: len(peer.audio_frames) >= 10, 120), "no greeting"
+            await peer.hang_up()
+            return peer
+
+    peer = run(body())
+    kind = {16000: 0x12, 12000: 0x11}[rate]
+    assert {k for _, k, _ in peer.audio_frames} == {kind}
+    assert all(len(p) == rate // 50 * 2 for _, _, p in peer.audio_frames)
+    assert_nothing_leaked(phone_stack)
