@@ -44,6 +44,7 @@ def test_service_killed_mid_turn(own_stack, sample_wav: bytes, victim: str) -> N
         assert "error" in kinds, kinds
         error = next(e for e in events if e["type"] == "error")
         assert error["component"] == victim and error["code"] == "UNAVAILABLE"
+        assert error["status"] == 503 and error["retryable"] is True  # same shape as control errors
         assert kinds[-1] == "turn.done" and events[-1]["partial"] is True
         assert events[-1]["end_reason"] == "error"
 

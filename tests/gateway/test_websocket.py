@@ -13,6 +13,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from glmv_gateway.client import GatewayClient
+from glmv_gateway.conversation.events import parse_event
 
 from .conftest import FAST
 from .test_turns import mel_frames
@@ -53,11 +54,20 @@ def test_streamed_audio_turn_over_websocket(stack, client: GatewayClient, sample
             ws.send(data[i : i + 3200])
         ws.send(json.dumps({"type": "commit"}))
         events, frames = receive_until(ws, {"turn.done"})
+    committed, events = events[0], events[1:]
+    assert committed["type"] == "input.committed" and committed["by"] == "client"
+    assert committed["tokens"] == -(-len(data) // 2 // 1280)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "turn.started" and kinds[-1] == "turn.done"
     audio_headers = [e for e in events if e["type"] == "audio.delta"]
     assert len(frames) == len(audio_headers) > 0
     assert [len(f) for f in frames] == [e["bytes"] for e in audio_headers]
+    # every event is a typed model: it parses back (audio headers with their binary frames)
+    for header, frame in zip(audio_headers, frames, strict=True):
+        assert parse_event(header, frame).header() == header
+    for event in events:
+        if event["type"] != "audio.delta":
+            assert parse_event(event).to_wire() == event
     total = sum(len(f) for f in frames) // 2  # PCM16 at 22.05 kHz by default
     assert total == 256 * mel_frames(events[-1]["usage"]["audio_tokens"])
     history = client.history(session["id"])["turns"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from glmv_gateway import metrics
+from glmv_gateway.versions import SERVICE_NAMES, VersionRegistry
 from glmvoice.v1 import (
     common_pb2,
     decoder_pb2,
@@ -22,11 +23,10 @@ from glmvoice.v1 import (
 
 T = TypeVar("T")
 
-SERVICE_NAMES = {
-    "tokenizer": "glmvoice.v1.SpeechTokenizer",
-    "lm": "glmvoice.v1.LanguageModel",
-    "decoder": "glmvoice.v1.SpeechDecoder",
-}
+if TYPE_CHECKING:
+    from glmv_gateway.settings import GatewaySettings
+
+__all__ = ["SERVICE_NAMES", "ComponentError", "DecoderStream", "ServiceClients", "TokenizerStream"]
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
@@ -168,35 +168,78 @@ def _control(kind: int) -> tokenizer_pb2.ListenRequest:
 
 
 class ServiceClients:
-    def __init__(self, tokenizer_addr: str, lm_addr: str, decoder_addr: str, retries: int = 2) -> None:
-        options = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-            # with a dns:/// target of a headless service, spread calls over every ready replica
-            ("grpc.lb_policy_name", "round_robin"),
-        ]
+    """Calls to the model services. Tokenizer and decoder calls go to a version of the registry
+    (``version=``, else the session's pinned version as last loaded by this process, else a weighted
+    choice); LM calls go to the session's replica (rendezvous hashing on the session id)."""
+
+    def __init__(
+        self,
+        tokenizer_addr: str,
+        lm_addr: str,
+        decoder_addr: str,
+        retries: int = 2,
+        *,
+        lm_addrs: list[str] | None = None,
+        versions_file: str | None = None,
+        registry: VersionRegistry | None = None,
+    ) -> None:
         self.addrs = {"tokenizer": tokenizer_addr, "lm": lm_addr, "decoder": decoder_addr}
-        self.channels = {
-            name: grpc.aio.insecure_channel(addr, options=options) for name, addr in self.addrs.items()
-        }
-        self.tokenizer = tokenizer_pb2_grpc.SpeechTokenizerStub(self.channels["tokenizer"])
-        self.lm = lm_pb2_grpc.LanguageModelStub(self.channels["lm"])
-        self.decoder = decoder_pb2_grpc.SpeechDecoderStub(self.channels["decoder"])
+        self.registry = registry or VersionRegistry(
+            self.addrs, lm_addrs=lm_addrs, versions_file=versions_file
+        )
         self.retries = retries
 
-    async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for ch in self.channels.values()))
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> ServiceClients:
+        return cls(
+            settings.tokenizer_addr,
+            settings.lm_addr,
+            settings.decoder_addr,
+            lm_addrs=settings.lm_address_list(),
+            versions_file=settings.versions_file or None,
+        )
 
-    async def _retry(self, component: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def start(self, interval_s: float = 1.0) -> None:
+        """Probe every version now and keep watching the registry file and the services' health."""
+        await self.registry.start(interval_s)
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+    def _target(self, component: str, version: str | None, session_id: str) -> tuple[Any, str]:
+        """(stub, version id) of a call; counts it."""
+        if component == "lm":
+            address = self.registry.lm_address(session_id)
+            preferred = self.registry.lm_ranking(session_id)[0].address if session_id else address
+            metrics.LM_REPLICA_CALLS.labels(
+                address, "preferred" if address == preferred else "fallback"
+            ).inc()
+            return self.registry.channels.stub("lm", address), ""
+        vid, address = self.registry.address_for(component, version, session_id)
+        metrics.COMPONENT_CALLS.labels(component, vid).inc()
+        return self.registry.channels.stub(component, address), vid
+
+    # stubs of the default target (first LM replica, weighted version), for callers that need no choice
+    @property
+    def tokenizer(self) -> tokenizer_pb2_grpc.SpeechTokenizerStub:
+        return self._target("tokenizer", None, "")[0]
+
+    @property
+    def lm(self) -> lm_pb2_grpc.LanguageModelStub:
+        return self._target("lm", None, "")[0]
+
+    @property
+    def decoder(self) -> decoder_pb2_grpc.SpeechDecoderStub:
+        return self._target("decoder", None, "")[0]
+
+    async def _retry(self, component: str, call: Callable[[], Awaitable[T]], version: str = "") -> T:
         delay = 0.2
         for attempt in range(self.retries + 1):
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _RETRYABLE or attempt == self.retries:
+                    metrics.COMPONENT_ERRORS.labels(component, version, error.code().name).inc()
                     raise ComponentError.from_rpc(component, error) from None
                 await asyncio.sleep(delay)
                 delay *= 2
@@ -205,17 +248,19 @@ class ServiceClients:
     # --- health and compatibility ----------------------------------------------------------------
 
     async def health(self, component: str, timeout: float = 2.0) -> str:
-        stub = health_pb2_grpc.HealthStub(self.channels[component])
-        try:
-            reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[component]), timeout=timeout
-            )
-        except grpc.aio.AioRpcError as error:
-            return f"unreachable ({error.code().name})"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        """SERVING when some replica (LM) or some version taking sessions (tokenizer, decoder) serves."""
+        await self.registry.probe(timeout)
+        if component == "lm":
+            statuses = [e.health for e in self.registry.lm]
+        else:
+            vs = self.registry.versions[component]
+            statuses = [v.health for v in vs if v.eligible] or [v.health for v in vs]
+        return "SERVING" if "SERVING" in statuses else statuses[0]
 
-    async def info(self, component: str, timeout: float = 5.0) -> common_pb2.ModelInfo:
-        stub = {"tokenizer": self.tokenizer, "lm": self.lm, "decoder": self.decoder}[component]
+    async def info(
+        self, component: str, timeout: float = 5.0, version: str | None = None
+    ) -> common_pb2.ModelInfo:
+        stub, _ = self._target(component, version, "")
         try:
             return await stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as error:
@@ -229,26 +274,34 @@ class ServiceClients:
     # --- calls -----------------------------------------------------------------------------------
 
     async def tokenize(
-        self, audio: common_pb2.AudioChunk, *, request_id: str, session_id: str, timeout: float
+        self,
+        audio: common_pb2.AudioChunk,
+        *,
+        request_id: str,
+        session_id: str,
+        timeout: float,
+        version: str | None = None,
     ) -> tokenizer_pb2.TokenizeResponse:
         request = tokenizer_pb2.TokenizeRequest(audio=audio, request_id=request_id)
-        return await self._retry(
-            "tokenizer",
-            lambda: self.tokenizer.Tokenize(
-                request, timeout=timeout, metadata=_metadata(request_id, session_id)
-            ),
-        )
 
-    def stream_tokenize(self, *, request_id: str, session_id: str, timeout: float) -> TokenizerStream:
+        def call() -> Awaitable[tokenizer_pb2.TokenizeResponse]:
+            stub, _ = self._target("tokenizer", version, session_id)
+            return stub.Tokenize(request, timeout=timeout, metadata=_metadata(request_id, session_id))
+
+        vid = version or self.registry.pinned(session_id, "tokenizer") or ""
+        return await self._retry("tokenizer", call, vid)
+
+    def stream_tokenize(
+        self, *, request_id: str, session_id: str, timeout: float, version: str | None = None
+    ) -> TokenizerStream:
         queue: asyncio.Queue[object] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[tokenizer_pb2.StreamTokenizeRequest]:
             while (msg := await queue.get()) is not None:
                 yield msg  # type: ignore[misc]
 
-        call = self.tokenizer.StreamTokenize(
-            requests(), timeout=timeout, metadata=_metadata(request_id, session_id)
-        )
+        stub, _ = self._target("tokenizer", version, session_id)
+        call = stub.StreamTokenize(requests(), timeout=timeout, metadata=_metadata(request_id, session_id))
         return TokenizerStream(call, queue)
 
     def listen(
@@ -258,6 +311,7 @@ class ServiceClients:
         session_id: str,
         vad: tokenizer_pb2.VadConfig | None,
         timeout: float,
+        version: str | None = None,
     ) -> ListenStream:
         """Open a Listen stream; ``vad=None`` means manual turns (the caller commits)."""
         queue: asyncio.Queue[tokenizer_pb2.ListenRequest | None] = asyncio.Queue()
@@ -270,15 +324,23 @@ class ServiceClients:
             while (msg := await queue.get()) is not None:
                 yield msg
 
-        call = self.tokenizer.Listen(requests(), timeout=timeout, metadata=_metadata(request_id, session_id))
+        stub, _ = self._target("tokenizer", version, session_id)
+        call = stub.Listen(requests(), timeout=timeout, metadata=_metadata(request_id, session_id))
         return ListenStream(call, queue)
 
-    def generate(self, request: lm_pb2.GenerateRequest, *, timeout: float) -> grpc.aio.UnaryStreamCall:
-        return self.lm.Generate(
+    def generate(
+        self, request: lm_pb2.GenerateRequest, *, timeout: float, session_id: str | None = None
+    ) -> grpc.aio.UnaryStreamCall:
+        """``session_id`` (default: the request's) picks the LM replica holding the session's cache."""
+        sid = request.session_id if session_id is None else session_id
+        stub, _ = self._target("lm", None, sid)
+        return stub.Generate(
             request, timeout=timeout, metadata=_metadata(request.request_id, request.session_id)
         )
 
-    def synthesize(self, start: decoder_pb2.SynthesizeStart, *, timeout: float) -> DecoderStream:
+    def synthesize(
+        self, start: decoder_pb2.SynthesizeStart, *, timeout: float, version: str | None = None
+    ) -> DecoderStream:
         queue: asyncio.Queue[decoder_pb2.SynthesizeRequest | None] = asyncio.Queue()
         queue.put_nowait(decoder_pb2.SynthesizeRequest(start=start))
 
@@ -286,7 +348,8 @@ class ServiceClients:
             while (msg := await queue.get()) is not None:
                 yield msg
 
-        call = self.decoder.Synthesize(
+        stub, _ = self._target("decoder", version, start.session_id)
+        call = stub.Synthesize(
             requests(), timeout=timeout, metadata=_metadata(start.request_id, start.session_id)
         )
         return DecoderStream(call, queue)

@@ -39,6 +39,36 @@ ACTIVE_CONVERSATIONS = Gauge(
 )
 UTTERANCES = Counter("glmv_gateway_utterances_total", "User utterances committed", ["by"])
 
+# --- component versions and LM replicas -------------------------------------------------------------
+VERSION_UP = Gauge(
+    "glmv_gateway_version_up",
+    "1 while a component version takes new sessions (serving, compatible, not draining)",
+    ["component", "version"],
+)
+VERSION_SHARE = Gauge(
+    "glmv_gateway_version_traffic_share", "Share of new sessions a version gets", ["component", "version"]
+)
+VERSION_SESSIONS = Counter(
+    "glmv_gateway_version_sessions_total", "Sessions assigned to a version", ["component", "version"]
+)
+VERSION_MOVES = Counter(
+    "glmv_gateway_version_moves_total",
+    "Sessions moved off a version that disappeared or failed",
+    ["component", "from_version", "to_version"],
+)
+COMPONENT_CALLS = Counter(
+    "glmv_gateway_component_calls_total", "Calls to a model service version", ["component", "version"]
+)
+COMPONENT_ERRORS = Counter(
+    "glmv_gateway_component_errors_total",
+    "Failed calls to a model service version",
+    ["component", "version", "code"],
+)
+LM_REPLICA_UP = Gauge("glmv_gateway_lm_replica_up", "1 while an LM replica answers SERVING", ["replica"])
+LM_REPLICA_CALLS = Counter(
+    "glmv_gateway_lm_replica_calls_total", "Generate calls per LM replica", ["replica", "affinity"]
+)
+
 # telephony
 ACTIVE_CALLS = Gauge("glmv_gateway_active_calls", "Phone calls connected now", ["transport"])
 CALLS = Counter("glmv_gateway_calls_total", "Phone calls ended, by how they ended", ["transport", "end"])

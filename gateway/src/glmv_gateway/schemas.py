@@ -81,6 +81,17 @@ class SessionSettings(Strict):
         return value
 
 
+class SessionCreate(SessionSettings):
+    """A new session's settings, and optionally the component versions to pin it to."""
+
+    versions: dict[Literal["tokenizer", "decoder"], str] | None = Field(
+        None,
+        description="Pin the session to these versions (ids of GET /v1/models); the others are chosen "
+        "by weight. The session keeps its versions for its whole life.",
+        examples=[{"decoder": "v2"}],
+    )
+
+
 class SessionPatch(Strict):
     """Fields to change; nested objects replace the stored ones."""
 

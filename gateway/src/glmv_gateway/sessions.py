@@ -5,6 +5,8 @@ Schema (all keys expire ``session_ttl_s`` after the last use; no audio is ever s
 * ``glmv:session:{id}``        hash: ``settings`` (JSON), ``created_at``, ``updated_at`` (unix seconds),
                                ``turns`` (count of stored turns), ``owner`` (sha256 of the API key
                                that created it: other keys see the session as not found),
+                               ``versions`` (JSON ``{"tokenizer": id, "decoder": id}``: the component
+                               versions the session is pinned to for its whole life),
                                ``call`` (JSON, phone sessions: transport, call ids, end; see ``annotate``)
 * ``glmv:session:{id}:turns``  list of JSON turns, oldest first:
                                ``{"turn_id", "user": {"kind": "audio"|"text", "tokens"|"text"},
@@ -22,16 +24,26 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
+
+if TYPE_CHECKING:
+    from glmv_gateway.versions import VersionRegistry
 
 PREFIX = "glmv"
 
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+"""
+
+
+# rewrite a session's versions only while it exists (a concurrent delete must not leave a stub behind)
+_SET_VERSIONS = """
+if redis.call('exists', KEYS[1]) == 1 then return redis.call('hset', KEYS[1], 'versions', ARGV[1]) end
+return 0
 """
 
 
@@ -58,6 +70,9 @@ class Session:
     created_at: float
     updated_at: float
     turns: int
+    versions: dict[str, str] = field(default_factory=dict)
+    # ``session.version_moved`` events of this load (a pinned version disappeared or failed)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -66,18 +81,30 @@ class Session:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "turns": self.turns,
+            "versions": self.versions,
         }
 
 
 class SessionStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int, lock_ttl_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl_s: int, lock_ttl_s: int, versions: VersionRegistry | None = None
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.lock_ttl_s = lock_ttl_s
+        self.versions = versions  # with it, ``get`` keeps every session on a live version
         self._release = client.register_script(_RELEASE_LOCK)
+        self._set_versions = client.register_script(_SET_VERSIONS)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, lock_ttl_s: int, timeout_s: float = 5.0) -> SessionStore:
+    def from_url(
+        cls,
+        url: str,
+        ttl_s: int,
+        lock_ttl_s: int,
+        timeout_s: float = 5.0,
+        versions: VersionRegistry | None = None,
+    ) -> SessionStore:
         # Bounded waits: an unreachable or hung Redis fails a request in seconds (a 503), never hangs it.
         client = aioredis.Redis.from_url(
             url,
@@ -86,7 +113,7 @@ class SessionStore:
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
         )
-        return cls(client, ttl_s, lock_ttl_s)
+        return cls(client, ttl_s, lock_ttl_s, versions)
 
     @staticmethod
     def _key(session_id: str, suffix: str = "") -> str:
@@ -95,16 +122,28 @@ class SessionStore:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def create(self, settings: dict[str, Any], owner: str = "") -> Session:
+    async def create(
+        self, settings: dict[str, Any], owner: str = "", versions: dict[str, str] | None = None
+    ) -> Session:
+        """``versions``: the component versions assigned to the session (see ``VersionRegistry``)."""
         session_id = uuid.uuid4().hex
         now = time.time()
         key = self._key(session_id)
-        mapping = {"settings": json.dumps(settings), "created_at": now, "updated_at": now, "turns": 0}
+        versions = dict(versions or {})
+        mapping = {
+            "settings": json.dumps(settings),
+            "created_at": now,
+            "updated_at": now,
+            "turns": 0,
+            "versions": json.dumps(versions),
+        }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={**mapping, "owner": key_digest(owner) if owner else ""})
             pipe.expire(key, self.ttl_s)
             await pipe.execute()
-        return Session(session_id, settings, now, now, 0)
+        if self.versions is not None:
+            self.versions.remember(session_id, versions)
+        return Session(session_id, settings, now, now, 0, versions)
 
     async def get(self, session_id: str, *, owner: str | None = None, touch: bool = True) -> Session:
         """``owner``: the caller's API key; a session created with another key is not found."""
@@ -116,13 +155,20 @@ class SessionStore:
             raise SessionNotFound(session_id)
         if touch:
             await self._touch(session_id)
-        return Session(
+        session = Session(
             session_id,
             json.loads(data["settings"]),
             float(data["created_at"]),
             float(data["updated_at"]),
             int(data.get("turns", 0)),
+            json.loads(data.get("versions") or "{}"),
         )
+        if self.versions is not None:
+            versions, session.events = self.versions.resolve(session_id, session.versions)
+            if versions != session.versions:
+                await self._set_versions(keys=[key], args=[json.dumps(versions)])
+                session.versions = versions
+        return session
 
     async def _touch(self, session_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -151,6 +197,8 @@ class SessionStore:
         removed = await self.redis.delete(
             self._key(session_id), self._key(session_id, "turns"), self._key(session_id, "lock")
         )
+        if self.versions is not None:
+            self.versions.forget(session_id)
         if not removed:
             raise SessionNotFound(session_id)
 

@@ -24,6 +24,20 @@ class GatewaySettings(BaseSettings):
     tokenizer_addr: str = Field("127.0.0.1:50051", description="host:port of the tokenizer service.")
     lm_addr: str = Field("127.0.0.1:50052", description="host:port of the LM service.")
     decoder_addr: str = Field("127.0.0.1:50053", description="host:port of the decoder service.")
+    lm_addresses: str = Field(
+        "",
+        description="Comma-separated host:port of several LM replicas; a session's turns go to the one "
+        "holding its prefix cache (rendezvous hashing on the session id, next one while it is down). "
+        "Empty: lm_addr alone.",
+    )
+    versions_file: str = Field(
+        "",
+        description="JSON registry of tokenizer/decoder versions (id, addresses, weight, draining), "
+        "re-read when it changes. Empty: one version per component at tokenizer_addr/decoder_addr.",
+    )
+    versions_poll_s: float = Field(
+        1.0, gt=0, description="How often the versions file is checked and every version probed."
+    )
     api_keys: str = Field(
         "", description="Comma-separated API keys accepted besides those stored in Redis (glmv:apikeys)."
     )
@@ -129,6 +143,9 @@ class GatewaySettings(BaseSettings):
 
     def webhook_policy(self) -> WebhookPolicy:
         return WebhookPolicy(parse_host_list(self.webhook_allowed_hosts), self.webhook_allow_private)
+
+    def lm_address_list(self) -> list[str]:
+        return [a.strip() for a in self.lm_addresses.split(",") if a.strip()] or [self.lm_addr]
 
     def static_api_keys(self) -> set[str]:
         return {k.strip() for k in self.api_keys.split(",") if k.strip()}

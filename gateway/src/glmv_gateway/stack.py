@@ -85,6 +85,7 @@ class LocalStack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _redis_proc: subprocess.Popen[bytes] | None = None
     gateway_env_resolved: dict[str, str] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)  # processes killed on purpose (not a failure)
 
     @property
     def gateway_url(self) -> str:
@@ -150,13 +151,44 @@ class LocalStack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.stopped.discard(name)
 
     def start_service(self, component: str) -> None:
         self._spawn(component, [script(f"glmv-{component}"), "serve"], self._env(component))
 
-    def start(self, timeout: float = 180.0) -> LocalStack:
+    def reserve_ports(self) -> None:
         for name in (*COMPONENTS, *(f"{c}_metrics" for c in COMPONENTS), "gateway", "audiosocket"):
             self.ports.setdefault(name, free_port())
+
+    def start_extra(
+        self, name: str, component: str, model_dir: Path, env: dict[str, str] | None = None
+    ) -> str:
+        """Another instance of a model service (a second decoder version, an LM replica) under
+        ``name`` with its own ports; returns its address. May run before or after :meth:`start`."""
+        self.reserve_ports()
+        self.ports.setdefault(name, free_port())
+        self.ports.setdefault(f"{name}_metrics", free_port())
+        prefix = f"GLMV_{component.upper()}_"
+        service_env = self._env(component)
+        service_env.update(
+            {
+                f"{prefix}PORT": str(self.ports[name]),
+                f"{prefix}METRICS_PORT": str(self.ports[f"{name}_metrics"]),
+                f"{prefix}MODEL_DIR": str(model_dir),
+                **(env or {}),
+            }
+        )
+        self._spawn(name, [script(f"glmv-{component}"), "serve"], service_env)
+        return self.addr(name)
+
+    def restart_gateway(self, timeout: float = 120.0) -> None:
+        """Stop the gateway (SIGTERM) and start it again with the same settings."""
+        self.kill("gateway", signal.SIGTERM)
+        self._spawn("gateway", [script("glmv"), "gateway"], self.gateway_env_resolved)
+        self.wait_ready(timeout)
+
+    def start(self, timeout: float = 180.0) -> LocalStack:
+        self.reserve_ports()
         self._ensure_redis()
         for component in COMPONENTS:
             self.start_service(component)
@@ -198,7 +230,7 @@ class LocalStack:
         last: object = "gateway not answering"
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
-                if proc.poll() is not None:
+                if proc.poll() is not None and name not in self.stopped:
                     raise StackError(f"{name} exited with code {proc.returncode}{self._log_hint(name)}")
             try:
                 response = httpx.get(f"{self.gateway_url}/readyz", timeout=5)
@@ -221,6 +253,7 @@ class LocalStack:
         proc = self.procs[name]
         proc.send_signal(sig)
         proc.wait(timeout=30)
+        self.stopped.add(name)
 
     def stop(self, timeout: float = 20.0) -> None:
         for proc in self.procs.values():

@@ -9,15 +9,16 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
-from glmv_gateway.api import health, jobs, sessions, telephony, turns, ws
+from glmv_gateway.api import health, jobs, models, sessions, telephony, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.state import AppState
 from glmv_gateway.api.telephony.audiosocket import AudioSocketServer
 from glmv_gateway.api.telephony.calls import CallManager
-from glmv_gateway.clients import ServiceClients, compatibility_problems
+from glmv_gateway.clients import ServiceClients
 from glmv_gateway.jobs.worker import make_celery
 from glmv_gateway.sessions import SessionStore
 from glmv_gateway.settings import GatewaySettings
+from glmv_gateway.versions import version_problems
 
 log = get_logger("glmv.gateway")
 VERSION = "0.1.0"
@@ -28,24 +29,29 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients = ServiceClients.from_settings(settings)
         store = SessionStore.from_url(
-            settings.redis_url, settings.session_ttl_s, settings.lock_ttl_s, settings.redis_timeout_s
+            settings.redis_url,
+            settings.session_ttl_s,
+            settings.lock_ttl_s,
+            settings.redis_timeout_s,
+            versions=clients.registry,
         )
-        clients = ServiceClients(settings.tokenizer_addr, settings.lm_addr, settings.decoder_addr)
         calls = CallManager(store, clients, settings)
         app.state.glmv = AppState(settings=settings, store=store, clients=clients, calls=calls)
         audiosocket = AudioSocketServer(calls, settings) if settings.audiosocket_port else None
         if audiosocket is not None:
             await audiosocket.start()
         app.state.celery = make_celery(settings)
-        try:
-            problems = compatibility_problems(await clients.infos())
-            if problems:
-                log.error("model services are incompatible: %s", "; ".join(problems))
-            else:
-                log.info("model services compatible", extra=kv(**clients.addrs))
-        except Exception as exc:  # services may start after the gateway; /readyz reports it
-            log.warning("model services not reachable yet: %s", exc)
+        # first probe of every version (incompatible ones are refused and logged), then keep watching
+        await clients.start(settings.versions_poll_s)
+        problems = version_problems(clients.registry)
+        if problems:
+            log.error("model services are incompatible: %s", "; ".join(problems))
+        elif clients.registry.lm_info is None:
+            log.warning("model services not reachable yet; /readyz reports them")
+        else:
+            log.info("model services compatible", extra=kv(**clients.addrs))
         yield
         if audiosocket is not None:
             await audiosocket.stop()
@@ -62,6 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(models.router)
     app.include_router(turns.router)
     app.include_router(ws.router)
     app.include_router(jobs.router)

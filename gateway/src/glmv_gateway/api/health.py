@@ -1,4 +1,4 @@
-"""/healthz (process up), /readyz (Redis + all three services SERVING and compatible), /metrics."""
+"""/healthz (process up), /readyz (Redis + the model services SERVING and compatible), /metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from glmv_gateway.api.state import AppState, app_state
-from glmv_gateway.clients import ComponentError, compatibility_problems
+from glmv_gateway.versions import VERSIONED, VersionRegistry, version_problems
+from glmvoice.v1 import common_pb2
 
 router = APIRouter()
 
@@ -20,7 +21,30 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _summary(registry: VersionRegistry, component: str) -> str:
+    """SERVING when an LM replica, or a version taking sessions, serves; else the first one's state."""
+    if component == "lm":
+        statuses = [e.health for e in registry.lm]
+    else:
+        vs = registry.versions[component]
+        statuses = [v.health for v in vs if v.eligible] or [v.health for v in vs]
+    return "SERVING" if "SERVING" in statuses else statuses[0]
+
+
+def _model(info: common_pb2.ModelInfo) -> dict[str, object]:
+    return {
+        "model_id": info.model_id,
+        "version": info.version,
+        "model_version": info.model_version,
+        "checkpoint": info.checkpoint_fingerprint[:16],
+        "codebook_size": info.codebook_size or info.audio_token_count,
+    }
+
+
 async def readiness(state: AppState) -> tuple[bool, dict[str, object]]:
+    """Ready: Redis answers, an LM replica serves, and every versioned component has a version that
+    takes sessions. A version incompatible with the LM is refused (named in ``compatibility``); it
+    makes the gateway unready only when no other version of its component can serve."""
     report: dict[str, object] = {}
     ok = True
     try:
@@ -29,30 +53,26 @@ async def readiness(state: AppState) -> tuple[bool, dict[str, object]]:
     except Exception as exc:  # any failure to reach Redis means not ready
         report["redis"] = f"unreachable: {exc}"
         ok = False
-    statuses = await asyncio.gather(*(state.clients.health(c) for c in ("tokenizer", "lm", "decoder")))
-    report["services"] = dict(zip(("tokenizer", "lm", "decoder"), statuses, strict=True))
-    if any(s != "SERVING" for s in statuses):
+    registry = state.clients.registry
+    await registry.probe()
+    report["services"] = {c: _summary(registry, c) for c in ("tokenizer", "lm", "decoder")}
+    report["versions"] = {c: {v.id: registry.state_of(v) for v in vs} for c, vs in registry.versions.items()}
+    if any(s != "SERVING" for s in report["services"].values()):  # type: ignore[union-attr]
         return False, report
-    try:
-        infos = await state.clients.infos()
-    except ComponentError as exc:
-        report["compatibility"] = str(exc)
-        return False, report
-    report["models"] = {
-        name: {
-            "model_id": info.model_id,
-            "version": info.version,
-            "checkpoint": info.checkpoint_fingerprint[:16],
-            "codebook_size": info.codebook_size or info.audio_token_count,
-        }
-        for name, info in infos.items()
-    }
-    problems = compatibility_problems(infos)
-    if problems:
-        report["compatibility"] = "; ".join(problems)
+    models: dict[str, object] = {}
+    lm = registry.lm_info
+    if lm is not None:
+        models["lm"] = _model(lm)
+    for component in VERSIONED:
+        vs = registry.versions[component]
+        chosen = next((v for v in vs if v.eligible), None) or next((v for v in vs if v.info), None)
+        if chosen is not None and chosen.info is not None:
+            models[component] = _model(chosen.info)
+    report["models"] = models
+    problems = version_problems(registry)
+    report["compatibility"] = "; ".join(problems) if problems else "ok"
+    if not all(any(v.eligible for v in registry.versions[c]) for c in VERSIONED):
         ok = False
-    else:
-        report["compatibility"] = "ok"
     return ok, report
 
 

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Body, Depends
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError
 from glmv_gateway.api.state import AppState, app_state
-from glmv_gateway.schemas import SessionPatch, SessionSettings, apply_patch
+from glmv_gateway.schemas import SessionCreate, SessionPatch, apply_patch
 from glmv_gateway.sessions import SessionNotFound
+from glmv_gateway.versions import VersionUnavailable
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -21,12 +22,17 @@ def not_found(session_id: str) -> ApiError:
 
 @router.post("", status_code=201)
 async def create_session(
-    body: SessionSettings | None = Body(None),
+    body: SessionCreate | None = Body(None),
     api_key: str = Depends(require_api_key),
     state: AppState = Depends(app_state),
 ) -> dict[str, Any]:
-    settings = (body or SessionSettings()).model_dump(mode="json")
-    session = await state.store.create(settings, owner=api_key)
+    body = body or SessionCreate()
+    settings = body.model_dump(mode="json", exclude={"versions"})
+    try:
+        versions = state.clients.registry.assign_all(body.versions)
+    except VersionUnavailable as exc:
+        raise ApiError(exc.status, exc.message) from None
+    session = await state.store.create(settings, owner=api_key, versions=versions)
     return session.public()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,7 @@ class Admitted:
     history: list[dict[str, Any]]
     started: float
     timings: dict[str, float]
+    notices: list[dict[str, Any]] = field(default_factory=list)  # e.g. session.version_moved
     _released: bool = False
 
     async def release(self) -> None:
@@ -147,6 +148,7 @@ async def admit(
         history=[],
         started=started,
         timings={},
+        notices=list(session.events),
     )
     try:
         try:

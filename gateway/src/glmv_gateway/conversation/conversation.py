@@ -46,6 +46,7 @@ from glmv_gateway.conversation.events import (
     TurnCancelled,
     TurnDone,
     TurnTruncated,
+    VersionMoved,
 )
 from glmv_gateway.conversation.record import heard_ms, truncate_stored
 from glmv_gateway.conversation.turn import TurnRun
@@ -114,6 +115,7 @@ class Conversation:
         self._played_ms: float | None = None
         self._speech_ended_at: float | None = None
         self._pending_speech_end: float | None = None
+        self._respond_when_done = False
         self._closed = False
         self.turns_started = 0
         self.respond_on_commit = respond_on_commit
@@ -137,6 +139,8 @@ class Conversation:
         conversation = cls(store, clients, config, session_id, api_key, **kwargs)
         session = await store.get(session_id, owner=api_key)
         conversation.settings = SessionSettings.model_validate(session.settings)
+        for notice in session.events:
+            conversation.emit(VersionMoved.model_validate(notice))
         metrics.ACTIVE_CONVERSATIONS.labels(transport=conversation.transport).inc()
         return conversation
 
@@ -421,6 +425,10 @@ class Conversation:
                 self.emit(event)
         finally:
             await events.aclose()
+        if self._respond_when_done and not self._closed:
+            self._respond_when_done = False
+            self._turn_task = None
+            await self.respond()
 
     async def _stop_reply(self, *, by: str, announce: bool = True) -> bool:
         task, run = self._turn_task, self._run
@@ -430,7 +438,8 @@ class Conversation:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        metrics.BARGE_INS.labels(by=by).inc()
+        if by != "close":
+            metrics.BARGE_INS.labels(by=by).inc()
         heard = run.state.heard()
         if announce or self._closed:
             self.emit(TurnCancelled(turn_id=run.turn_id, heard_ms=heard_ms(heard, run.state.sample_rate)))
@@ -540,9 +549,17 @@ class Conversation:
             )
             user = UserInput(tokens=list(done.tokens), tokenize_ms=round(done.finish_ms, 1))
             ended, self._speech_ended_at = self._speech_ended_at, None
-            if self.respond_on_commit if done.committed else td.create_response:
+            respond = self.respond_on_commit if done.committed else td.create_response
+            if respond and self.replying and not done.committed and not td.interrupt_response:
+                # speech during a reply that may not be interrupted: answered when the reply ends
+                self.pending_inputs.append(user)
+                self._pending_speech_end = ended
+                self._respond_when_done = True
+            elif respond:
                 await self._stop_reply(by="commit")
-                await self.start_turn(user, speech_ended_at=ended)
+                self.pending_inputs.append(user)
+                self._pending_speech_end = ended
+                await self.respond()
             else:
                 self.pending_inputs.append(user)
                 self._pending_speech_end = ended

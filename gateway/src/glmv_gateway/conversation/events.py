@@ -35,6 +35,17 @@ class SessionUpdated(Event):
     settings: dict[str, Any]
 
 
+class VersionMoved(Event):
+    """The session's pinned component version went away; it now uses another, compatible one."""
+
+    type: Literal["session.version_moved"] = "session.version_moved"
+    session_id: str
+    component: str
+    from_version: str
+    to_version: str
+    reason: str
+
+
 class SpeechStarted(Event):
     """Server-side turn detection heard the user start speaking (offsets in the input audio)."""
 
@@ -154,6 +165,7 @@ class ErrorEvent(Event):
 AnyEvent = Annotated[
     SessionReady
     | SessionUpdated
+    | VersionMoved
     | SpeechStarted
     | SpeechStopped
     | InputCommitted

@@ -25,6 +25,7 @@ from glmv_gateway.conversation.events import (
     TurnDone,
     TurnInput,
     TurnStarted,
+    VersionMoved,
 )
 from glmv_gateway.conversation.pump import ReplyPump
 from glmv_gateway.conversation.record import END_REASONS, ReplyState, store_turn
@@ -132,6 +133,8 @@ class TurnRun:
             audio=self.audio,
         )
         try:
+            for notice in admitted.notices:
+                yield VersionMoved.model_validate(notice)
             yield TurnStarted(
                 session_id=self.session_id,
                 turn_id=self.turn_id,

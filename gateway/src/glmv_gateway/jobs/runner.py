@@ -54,11 +54,17 @@ def load_input(store: JobStore, job_id: str, job: dict[str, Any]) -> UserInput:
 async def run_job(job_id: str, settings: GatewaySettings) -> str:
     """Returns the final state. Raises ServiceUnavailable / JobBusy for a retry."""
     with log_context(request_id=job_id):
+        # the job's session gets a version of each component (by weight) when it is first loaded
+        clients = ServiceClients.from_settings(settings)
         sessions = SessionStore.from_url(
-            settings.redis_url, settings.job_result_ttl_s, settings.lock_ttl_s, settings.redis_timeout_s
+            settings.redis_url,
+            settings.job_result_ttl_s,
+            settings.lock_ttl_s,
+            settings.redis_timeout_s,
+            versions=clients.registry,
         )
         jobs = JobStore(sessions.redis, settings.jobs_dir, settings.job_result_ttl_s)
-        clients = ServiceClients(settings.tokenizer_addr, settings.lm_addr, settings.decoder_addr)
+        await clients.registry.probe()
         try:
             return await _run(job_id, settings, sessions, jobs, clients)
         finally:

@@ -30,6 +30,16 @@ class ServiceSettings(BaseSettings):
     model_dir: Path | None = Field(None, description="Checkpoint directory in the published layout.")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights/compute dtype.")
+    model_version: str = Field(
+        "",
+        description="Deployment id reported in ModelInfo.model_version (the gateway's registry id, e.g. "
+        "v2); empty: the first 12 hex digits of the checkpoint fingerprint.",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op CPU threads; 0 keeps torch's default (one per core)."
     )
+
+
+def model_version(setting: str, fingerprint: str) -> str:
+    """The deployment id a service reports: its setting, or one derived from the checkpoint."""
+    return setting or fingerprint[:12]

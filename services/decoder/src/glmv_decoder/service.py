@@ -32,7 +32,7 @@ from pydantic_settings import SettingsConfigDict
 from glmv_common import audio as gaudio
 from glmv_common.errors import GlmvError, InvalidRequest, missing_checkpoint
 from glmv_common.logs import get_logger, kv, log_context
-from glmv_common.settings import ServiceSettings
+from glmv_common.settings import ServiceSettings, model_version
 from glmvoice.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
 from .streaming import DEFAULT_PROMPT_WINDOW_TOKENS, DEFAULT_SEED, ChunkTiming, DecoderStream
@@ -330,6 +330,7 @@ class DecoderService:
             model_id=str(getattr(d, "model_id", "")),
             version=VERSION,
             checkpoint_fingerprint=str(getattr(d, "fingerprint", "")),
+            model_version=model_version(self.settings.model_version, str(getattr(d, "fingerprint", ""))),
             codebook_size=int(d.config.flow.vocab_size),
             token_rate_hz=float(d.config.flow.input_frame_rate),
             output_sample_rate=NATIVE_RATE,

@@ -28,6 +28,7 @@ from pydantic_settings import SettingsConfigDict
 
 from glmv_common.errors import InvalidRequest, missing_checkpoint
 from glmv_common.logs import get_logger, kv
+from glmv_common.settings import model_version
 from glmv_lm import metrics
 from glmv_lm.config import LMSettings
 from glmv_lm.engine import (
@@ -266,6 +267,7 @@ class LmService(lm_pb2_grpc.LanguageModelServicer):
             model_id=loaded.model_id,
             version=_version(),
             checkpoint_fingerprint=loaded.fingerprint,
+            model_version=model_version(s.model_version, loaded.fingerprint),
             codebook_size=tok.audio_count,
             token_rate_hz=TOKEN_RATE_HZ,
             audio_token_offset=tok.audio_offset,

@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 from glmv_common import audio as gaudio
 from glmv_common.errors import AudioError, GlmvError, InvalidRequest
 from glmv_common.logs import get_logger, log_context
-from glmv_common.settings import ServiceSettings
+from glmv_common.settings import ServiceSettings, model_version
 from glmvoice.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from . import metrics
@@ -192,6 +192,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.SpeechTokenizerServicer):
             model_id=info.model_id,
             version=VERSION,
             checkpoint_fingerprint=info.fingerprint,
+            model_version=model_version(self._service.settings.model_version, info.fingerprint),
             codebook_size=info.codebook_size,
             token_rate_hz=info.token_rate_hz,
             input_sample_rate=info.sample_rate,

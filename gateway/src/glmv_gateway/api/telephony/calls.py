@@ -32,6 +32,7 @@ from glmv_gateway.conversation.events import Event, TurnStarted
 from glmv_gateway.schemas import SessionSettings, apply_patch
 from glmv_gateway.sessions import PREFIX, SessionNotFound, SessionStore, key_digest
 from glmv_gateway.settings import GatewaySettings
+from glmv_gateway.versions import VersionUnavailable
 
 log = get_logger("glmv.gateway.telephony")
 
@@ -206,7 +207,11 @@ class CallManager:
             await self.store.update_settings(session_id, settings)
             return session_id
         settings = call_settings(self.config, custom, output)
-        return (await self.store.create(settings, owner=api_key)).id
+        try:
+            versions = self.clients.registry.assign_all()
+        except VersionUnavailable as exc:
+            raise CallRefused("unavailable", exc.message) from None
+        return (await self.store.create(settings, owner=api_key, versions=versions)).id
 
     async def resume_id(self, transport: str, call_id: str) -> str | None:
         """The session an earlier connection of the same call used (AudioSocket reconnects)."""
