@@ -607,3 +607,20 @@ def test_audiosocket_replies_in_the_channel_rate(phone_stack: LocalStack, rate: 
     assert {k for _, k, _ in peer.audio_frames} == {kind}
     assert all(len(p) == rate // 50 * 2 for _, _, p in peer.audio_frames)
     assert_nothing_leaked(phone_stack)
+
+
+def test_twilio_call_is_hung_up_at_its_maximum_duration(phone_stack: LocalStack) -> None:
+    async def body() -> tuple[TwilioCall, float]:
+        parameters = {"greeting": "", "max_call_s": "2"}
+        async with TwilioCall(
+            twilio_url(phone_stack), headers=signed(phone_stack), parameters=parameters
+        ) as sim:
+            t0 = time.monotonic()
+            assert await sim.send_silence_until(lambda: sim.closed.is_set(), 30), "the call was not ended"
+            return sim, time.monotonic() - t0
+
+    sim, seconds = run(body())
+    assert 1.5 <= seconds < 15
+    _, record = call_record(phone_stack, sim.call_sid)
+    assert record["end"] == "max_duration"
+    assert_nothing_leaked(phone_stack)

@@ -214,24 +214,34 @@ class TwilioCall:
 
     async def send_audio(self, mulaw: bytes, *, speech: bool = False) -> None:
         """Caller audio in real time, 20 ms per message; ``speech``: note when it ended."""
+        from websockets.exceptions import ConnectionClosed
+
         for i in range(0, len(mulaw), MULAW_FRAME):
             await self._clock.tick()
+            if self.closed.is_set():
+                return  # the server ended the call
             self._chunk += 1
-            await self._send(
-                {
-                    "event": "media",
-                    "sequenceNumber": self._next_seq(),
-                    "media": {
-                        "track": "inbound",
-                        "chunk": str(self._chunk),
-                        "timestamp": str(round((time.monotonic() - self._started) * 1000)),
-                        "payload": base64.b64encode(mulaw[i : i + MULAW_FRAME]).decode(),
-                    },
-                    "streamSid": self.stream_sid,
-                }
-            )
+            try:
+                await self._send_media(mulaw[i : i + MULAW_FRAME])
+            except ConnectionClosed:
+                return
         if speech:
             self.speech_ended_at.append(time.perf_counter())
+
+    async def _send_media(self, payload: bytes) -> None:
+        await self._send(
+            {
+                "event": "media",
+                "sequenceNumber": self._next_seq(),
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(self._chunk),
+                    "timestamp": str(round((time.monotonic() - self._started) * 1000)),
+                    "payload": base64.b64encode(payload).decode(),
+                },
+                "streamSid": self.stream_sid,
+            }
+        )
 
     async def send_silence_until(self, predicate: Any, timeout: float) -> bool:
         """Send line silence until ``predicate()`` holds; False on timeout."""
