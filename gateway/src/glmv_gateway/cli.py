@@ -104,6 +104,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     ports = {"gateway": args.port}
     if args.port_base:  # 0: any free ports
         ports.update(tokenizer=args.port_base, lm=args.port_base + 1, decoder=args.port_base + 2)
+    if args.audiosocket_port:
+        ports["audiosocket"] = args.audiosocket_port
     stack = LocalStack(
         models=models, ports=ports, log_dir=Path(args.logs), redis_url=args.redis_url, supervise=True
     )
@@ -309,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GLMV_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
         help="sessions' Redis (a redis-server is started there if none answers)",
     )
+    up.add_argument("--audiosocket-port", type=int, default=9092, help="Asterisk AudioSocket TCP port")
     up.add_argument("--logs", default=".run/logs")
     up.add_argument("--open", action="store_true", help="open the browser talk page when the stack is up")
     up.set_defaults(func=cmd_stack)

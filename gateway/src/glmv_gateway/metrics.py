@@ -80,3 +80,35 @@ REALTIME_EVENTS = Counter(
 REALTIME_ERRORS = Counter(
     "glmv_gateway_realtime_errors_total", "Realtime error events sent, by error code", ["code"]
 )
+# telephony
+ACTIVE_CALLS = Gauge("glmv_gateway_active_calls", "Phone calls connected now", ["transport"])
+CALLS = Counter("glmv_gateway_calls_total", "Phone calls ended, by how they ended", ["transport", "end"])
+CALL_SECONDS = Histogram(
+    "glmv_gateway_call_duration_seconds",
+    "Phone call duration",
+    ["transport"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+CALL_BARGE_INS = Counter(
+    "glmv_gateway_call_barge_ins_total", "Reply audio flushed because the caller spoke", ["transport"]
+)
+CALL_SPEECH_END_TO_FIRST_AUDIO = Histogram(
+    "glmv_gateway_call_speech_end_to_first_audio_seconds",
+    "End of the caller's speech to the first reply audio frame sent to the phone side",
+    ["transport"],
+    buckets=_LATENCY,
+)
+CALL_REFUSED = Counter("glmv_gateway_calls_refused_total", "Calls refused at start", ["transport", "reason"])
+CALL_DTMF = Counter("glmv_gateway_call_dtmf_total", "DTMF digits received", ["transport"])
+MALFORMED_FRAMES = Counter(
+    "glmv_gateway_telephony_malformed_frames_total", "Calls ended by a malformed frame", ["transport", "why"]
+)
+for _transport in ("twilio", "audiosocket"):  # exported from the start, before the first call
+    ACTIVE_CALLS.labels(transport=_transport)
+    CALLS.labels(transport=_transport, end="hangup")
+    CALL_SECONDS.labels(transport=_transport)
+    CALL_BARGE_INS.labels(transport=_transport)
+    CALL_SPEECH_END_TO_FIRST_AUDIO.labels(transport=_transport)
+    CALL_REFUSED.labels(transport=_transport, reason="call_limit")
+    CALL_DTMF.labels(transport=_transport)
+MALFORMED_FRAMES.labels(transport="audiosocket", why="bad_kind")

@@ -6,7 +6,8 @@ Schema (all keys expire ``session_ttl_s`` after the last use; no audio is ever s
                                ``turns`` (count of stored turns), ``owner`` (sha256 of the API key
                                that created it: other keys see the session as not found),
                                ``versions`` (JSON ``{"tokenizer": id, "decoder": id}``: the component
-                               versions the session is pinned to for its whole life)
+                               versions the session is pinned to for its whole life),
+                               ``call`` (JSON, phone sessions: transport, call ids, end; see ``annotate``)
 * ``glmv:session:{id}:turns``  list of JSON turns, oldest first:
                                ``{"turn_id", "user": {"kind": "audio"|"text", "tokens"|"text"},
                                   "assistant": {"ids", "text", "audio_tokens", "end_reason", "partial"},
@@ -217,6 +218,14 @@ class SessionStore:
         )
         session.settings, session.updated_at = settings, now
         return session
+
+    async def annotate(self, session_id: str, name: str, value: dict[str, Any]) -> None:
+        """Keep ``value`` (JSON) in the session record's field ``name`` (e.g. a phone call's ids)."""
+        await self.redis.hset(self._key(session_id), name, json.dumps(value))
+
+    async def annotation(self, session_id: str, name: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(self._key(session_id), name)
+        return json.loads(raw) if raw else None
 
     async def delete(self, session_id: str) -> None:
         removed = await self.redis.delete(

@@ -109,6 +109,41 @@ class GatewaySettings(BaseSettings):
     demo_model: str = Field(
         "glm-4-voice", description="Model name the talk page asks the realtime endpoint for."
     )
+    # telephony (Twilio Media Streams, Asterisk AudioSocket)
+    telephony_api_key: str = Field(
+        "",
+        description="API key phone calls run under (their sessions, turn slots and call limit); "
+        "default: the first of API_KEYS.",
+    )
+    telephony_profile: str = Field(
+        "", description="JSON session-settings patch every call's session starts from (the call profile)."
+    )
+    telephony_greeting: str = Field(
+        "",
+        description="Text instruction the assistant answers first when a call starts (empty: caller first).",
+    )
+    telephony_max_call_s: float = Field(3600.0, gt=0, description="A call is hung up after this long.")
+    telephony_max_calls_per_key: int = Field(
+        20, ge=1, description="Concurrent calls per API key (beyond it a call is refused at once)."
+    )
+    twilio_auth_token: str = Field(
+        "", description="Twilio account auth token: validates X-Twilio-Signature on webhooks and streams."
+    )
+    twilio_validate_signature: bool | None = Field(
+        None, description="Check X-Twilio-Signature (default: on when TWILIO_AUTH_TOKEN is set)."
+    )
+    twilio_public_url: str = Field(
+        "",
+        description="Public base URL Twilio reaches the gateway at (https://host[:port]); used in the "
+        "TwiML stream URL and to check signatures behind a proxy. Default: from the request.",
+    )
+    audiosocket_host: str = Field("127.0.0.1", description="AudioSocket TCP bind address.")
+    audiosocket_port: int = Field(
+        0, ge=0, le=65535, description="AudioSocket TCP port served by the gateway process (0: off)."
+    )
+    audiosocket_max_frame_bytes: int = Field(
+        8192, ge=320, le=65535, description="Largest AudioSocket payload accepted (bigger ends the call)."
+    )
     log_level: str = Field("INFO")
     log_format: Literal["json", "text"] = Field("json")
 
@@ -134,3 +169,13 @@ class GatewaySettings(BaseSettings):
 
     def static_api_keys(self) -> set[str]:
         return {k.strip() for k in self.api_keys.split(",") if k.strip()}
+
+    def call_api_key(self) -> str:
+        """The API key phone calls run under ("" if none is configured)."""
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return self.telephony_api_key or (keys[0] if keys else "")
+
+    def twilio_signature_required(self) -> bool:
+        if self.twilio_validate_signature is None:
+            return bool(self.twilio_auth_token)
+        return self.twilio_validate_signature

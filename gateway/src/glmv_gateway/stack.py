@@ -233,7 +233,7 @@ class LocalStack:
         self._spawn(component, [script(f"glmv-{component}"), "serve"], self._env(component))
 
     def reserve_ports(self) -> None:
-        for name in (*COMPONENTS, *(f"{c}_metrics" for c in COMPONENTS), "gateway"):
+        for name in (*COMPONENTS, *(f"{c}_metrics" for c in COMPONENTS), "gateway", "audiosocket"):
             self.ports.setdefault(name, free_port())
 
     def start_extra(
@@ -273,6 +273,7 @@ class LocalStack:
             {
                 "GLMV_GATEWAY_HOST": "127.0.0.1",
                 "GLMV_GATEWAY_PORT": str(self.ports["gateway"]),
+                "GLMV_GATEWAY_AUDIOSOCKET_PORT": str(self.ports["audiosocket"]),
                 "GLMV_GATEWAY_REDIS_URL": self.redis_url,
                 **{
                     f"GLMV_GATEWAY_{c.upper()}_ADDR": self.gateway_addrs.get(c, self.addr(c))

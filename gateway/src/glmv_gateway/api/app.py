@@ -10,13 +10,15 @@ from fastapi import FastAPI
 
 from glmv_common.logs import get_logger, kv, setup_logging
 from glmv_common.parent import watch_parent
-from glmv_gateway.api import demo, health, jobs, models, openapi, sessions, turns, ws
+from glmv_gateway.api import demo, health, jobs, models, openapi, sessions, telephony, turns, ws
 from glmv_gateway.api.errors import install_error_handlers
 from glmv_gateway.api.limits import SettingsBodyLimit
 from glmv_gateway.api.options import OptionsResponder
 from glmv_gateway.api.realtime import router as realtime
 from glmv_gateway.api.realtime import secrets as realtime_secrets
 from glmv_gateway.api.state import AppState
+from glmv_gateway.api.telephony.audiosocket import AudioSocketServer
+from glmv_gateway.api.telephony.calls import CallManager
 from glmv_gateway.clients import ServiceClients
 from glmv_gateway.jobs.worker import make_celery
 from glmv_gateway.sessions import SessionStore
@@ -40,7 +42,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.redis_timeout_s,
             versions=clients.registry,
         )
-        app.state.glmv = AppState(settings=settings, store=store, clients=clients)
+        calls = CallManager(store, clients, settings)
+        app.state.glmv = AppState(settings=settings, store=store, clients=clients, calls=calls)
+        audiosocket = AudioSocketServer(calls, settings) if settings.audiosocket_port else None
+        if audiosocket is not None:
+            await audiosocket.start()
         app.state.celery = make_celery(settings)
         # first probe of every version (incompatible ones are refused and logged), then keep watching
         await clients.start(settings.versions_poll_s)
@@ -52,6 +58,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         else:
             log.info("model services compatible", extra=kv(**clients.addrs))
         yield
+        if audiosocket is not None:
+            await audiosocket.stop()
+        await calls.close()
         await clients.close()
         await store.redis.aclose()
 
@@ -74,6 +83,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(realtime_secrets.router)
     if settings.demo_page:
         app.include_router(demo.router)
+    app.include_router(telephony.router)
     openapi.install(app)
     return app
 

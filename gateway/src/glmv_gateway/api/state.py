@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request, WebSocket
 
@@ -10,12 +11,16 @@ from glmv_gateway.clients import ServiceClients
 from glmv_gateway.sessions import SessionStore
 from glmv_gateway.settings import GatewaySettings
 
+if TYPE_CHECKING:
+    from glmv_gateway.api.telephony.calls import CallManager
+
 
 @dataclass
 class AppState:
     settings: GatewaySettings
     store: SessionStore
     clients: ServiceClients
+    calls: CallManager
 
 
 def app_state(request: Request) -> AppState:

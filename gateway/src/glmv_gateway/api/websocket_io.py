@@ -38,26 +38,29 @@ async def serve(
         async for event in conversation.events():
             await send_event(event)
 
-    sender = asyncio.create_task(pump_out())
-    try:
-        while not sender.done():
-            receive = asyncio.create_task(websocket.receive())
-            await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                receive.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await receive
-                break  # the sender failed: the socket is gone
-            message = receive.result()
+    async def pump_in() -> None:
+        while True:
+            message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                break
+                return
             if message.get("bytes") is not None:
                 await on_bytes(message["bytes"])
             elif message.get("text") is not None:
                 await on_text(message["text"])
-    except (WebSocketDisconnect, RuntimeError):
-        pass
+
+    # one reader task for the whole connection (not one per frame: a phone line sends 50 a second)
+    sender = asyncio.create_task(pump_out())
+    receiver = asyncio.create_task(pump_in())
+    try:
+        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver.done():
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                receiver.result()  # anything else is a bug: raised
     finally:
+        if not receiver.done():  # the sender ended (conversation closed) or failed (socket gone)
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiver
         await conversation.close()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(sender, timeout=5)

@@ -109,6 +109,7 @@ class Conversation:
         self._listen: ListenStream | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._pending_bytes = 0  # user audio since the last utterance ended
+        self._in_speech = False  # server_vad: the detector heard speech start and not yet its end
         self._turn_task: asyncio.Task[None] | None = None
         self._run: TurnRun | None = None  # the current (or last) reply
         self._played_ms: float | None = None
@@ -205,9 +206,9 @@ class Conversation:
             return
         limit_bytes = self.config.max_upload_bytes
         limit_s = self.config.max_audio_seconds
-        if self.turn_detection == "server_vad" and not self._in_speech:
-            self._pending_bytes = 0  # silence between utterances is not part of any utterance
-        self._pending_bytes += len(data)
+        if self.turn_detection == "none" or self._in_speech:
+            # with server-side detection only an utterance counts, not the line's silence between them
+            self._pending_bytes += len(data)
         if self._pending_bytes > limit_bytes or self._pending_bytes / fmt.bytes_per_second > limit_s:
             self._drop_listen()
             self.error(
@@ -512,7 +513,7 @@ class Conversation:
         kind = event.WhichOneof("msg")
         td = self.settings.turn_detection
         if kind == "speech_started":
-            self._in_speech = True
+            self._in_speech, self._pending_bytes = True, 0
             self.emit(
                 SpeechStarted(
                     utterance=event.speech_started.utterance,
