@@ -53,7 +53,7 @@ def speech_wav(path: Path, pattern: list[tuple[str, float]]) -> Path:
     return write_wav(path, np.concatenate(parts), rate)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its event loop must not outlive the module: async tests follow
 def playwright() -> Iterator[object]:
     if not Path(CHROMIUM).exists():
         pytest.skip(

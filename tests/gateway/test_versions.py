@@ -149,7 +149,7 @@ def test_incompatible_version_is_refused_with_a_message(ready: LocalStack) -> No
         r = c.http.post("/v1/sessions", json={"versions": {"decoder": "v3"}})
         assert r.status_code == 409 and "decoder v3" in r.text and "32 speech codes" in r.text
         r = c.http.post("/v1/sessions", json={"versions": {"decoder": "v9"}})
-        assert r.status_code == 400 and "unknown decoder version" in r.text and "v1, v2, v3" in r.text
+        assert r.status_code == 404 and "unknown decoder version" in r.text and "v1, v2, v3" in r.text
         r = c.http.post("/v1/sessions", json={"versions": {"lm": "x"}})
         assert r.status_code == 422
 

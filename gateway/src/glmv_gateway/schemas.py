@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 48000)
 MAX_TEXT_CHARS = 20_000  # a text turn, over every transport
@@ -61,8 +61,8 @@ class TurnDetection(Strict):
     threshold: float = Field(0.5, gt=0, lt=1, description="speech probability threshold")
     prefix_padding_ms: int = Field(300, ge=0, le=5000, description="audio kept before the detected start")
     silence_duration_ms: int = Field(500, ge=100, le=10_000, description="silence that ends an utterance")
-    create_response: bool = True
-    interrupt_response: bool = True
+    create_response: StrictBool = True
+    interrupt_response: StrictBool = True
 
 
 class SessionSettings(Strict):

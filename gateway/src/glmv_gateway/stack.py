@@ -294,13 +294,13 @@ class LocalStack:
         self._spawn("gateway", [script("glmv"), "gateway"], env)
         if self.with_worker:
             self.start_worker()
+        if self.supervise:  # from the start: a process that dies while the stack comes up is restarted
+            self.start_supervisor()
         try:
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
-        if self.supervise:
-            self.start_supervisor()
         return self
 
     def start_worker(self, name: str = "worker") -> None:

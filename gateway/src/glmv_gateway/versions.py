@@ -427,7 +427,7 @@ class VersionRegistry:
             v = self.find(component, requested)
             if v is None:
                 known = ", ".join(x.id for x in vs)
-                raise VersionUnavailable(400, f"unknown {component} version {requested!r} (known: {known})")
+                raise VersionUnavailable(404, f"unknown {component} version {requested!r} (known: {known})")
             if not v.eligible:
                 why = (
                     "is draining"

@@ -130,7 +130,8 @@ JOB_LINKS = {
 
 # per (method, path): the error answers it can give besides 401 and 503
 ERRORS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("post", "/v1/sessions"): ("400", "413", "422"),
+    ("post", "/v1/sessions"): ("400", "404", "409", "413", "422"),
+    ("post", "/v1/realtime/client_secrets"): ("400", "422"),
     ("get", "/v1/sessions/{session_id}"): ("404",),
     ("patch", "/v1/sessions/{session_id}"): ("400", "404", "413", "422"),
     ("delete", "/v1/sessions/{session_id}"): ("404",),
@@ -179,6 +180,15 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                 if parameter["name"] in ("session_id", "job_id"):
                     parameter["schema"] = {"type": "string", "pattern": ID_PATTERN}
             if not path.startswith("/v1/"):
+                continue
+            if path.startswith("/v1/telephony/"):  # called by the carrier: its signature, not our key
+                operation["security"] = []
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "header":
+                        parameter["required"] = False
+                for answer in operation.get("responses", {}).values():
+                    if "content" in answer:
+                        answer["content"] = {"application/xml": {"schema": {"type": "string"}}}
                 continue
             operation["security"] = [{"ApiKey": []}]
             responses = operation.setdefault("responses", {})
