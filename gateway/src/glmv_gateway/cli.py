@@ -104,8 +104,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     ports = {"gateway": args.port}
     if args.port_base:  # 0: any free ports
         ports.update(tokenizer=args.port_base, lm=args.port_base + 1, decoder=args.port_base + 2)
-    if args.audiosocket_port:
-        ports["audiosocket"] = args.audiosocket_port
+    audiosocket = 9092 if args.audiosocket_port is None and args.port_base else args.audiosocket_port
+    if audiosocket:  # with --port-base 0 (any free ports) the AudioSocket port is free too unless given
+        ports["audiosocket"] = audiosocket
     stack = LocalStack(
         models=models, ports=ports, log_dir=Path(args.logs), redis_url=args.redis_url, supervise=True
     )
@@ -116,6 +117,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         print(f"gateway: {stack.gateway_url} (API key: {stack.api_key}); docs at {stack.gateway_url}/docs")
         page = f"http://localhost:{stack.ports['gateway']}/demo/"
         print(f"talk page: {page}")
+        print(f"AudioSocket (Asterisk): 127.0.0.1:{stack.ports['audiosocket']}")
         if args.open:
             import webbrowser
 
@@ -311,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GLMV_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
         help="sessions' Redis (a redis-server is started there if none answers)",
     )
-    up.add_argument("--audiosocket-port", type=int, default=9092, help="Asterisk AudioSocket TCP port")
+    up.add_argument(
+        "--audiosocket-port", type=int, default=None, help="Asterisk AudioSocket TCP port (default 9092)"
+    )
     up.add_argument("--logs", default=".run/logs")
     up.add_argument("--open", action="store_true", help="open the browser talk page when the stack is up")
     up.set_defaults(func=cmd_stack)
