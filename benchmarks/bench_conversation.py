@@ -115,7 +115,7 @@ def one_turn(url: str, client, body: dict, voice: np.ndarray, barge: bool) -> di
             t1 = time.perf_counter() + 0.02
             onset = t1 + start_s
             send_paced(ws, audio_io.encode_pcm(voice[: int(16000 * (start_s + 0.6))], "pcm16"), t1)
-            cancelled = listener.wait_for("turn.cancelled", after=t1)
+            cancelled = listener.wait_for("turn.cancelled", after=t1, timeout=10)
             if cancelled is None:
                 done = listener.wait_for("turn.done", after=first, timeout=0.1)
                 out["error" if done is None else "reply_over"] = "no turn.cancelled"
