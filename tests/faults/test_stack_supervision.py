@@ -7,36 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from glmv_gateway.client import GatewayClient
 from glmv_gateway.stack import DEV_API_KEY, free_port, port_open
 
 from ..conftest import REDIS_PORT
-from .conftest import alive, children_of, cmdline, stack_db
+from .conftest import alive, children_of, cmdline, readyz, stack_db, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def readyz(url: str) -> int:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code
-    except httpx.HTTPError:
-        return 0
 
 
 class StackUp:

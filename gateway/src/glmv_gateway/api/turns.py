@@ -16,9 +16,9 @@ from glmv_gateway.api.audio_input import check_declared_length, decode_body, par
 from glmv_gateway.api.auth import require_api_key
 from glmv_gateway.api.errors import ApiError, rejected
 from glmv_gateway.api.state import AppState, app_state
-from glmv_gateway.conversation import TurnRejected, TurnRun, UserInput, prepare_turn
+from glmv_gateway.conversation import TurnRejected, UserInput, prepare_turn
 from glmv_gateway.conversation.audio_out import ReplyAudio
-from glmv_gateway.conversation.events import AudioDelta, ErrorEvent, TextDelta, TurnDone
+from glmv_gateway.conversation.events import AudioDelta, ErrorEvent, TurnDone
 from glmv_gateway.schemas import TextTurn
 
 router = APIRouter(prefix="/v1/sessions", tags=["turns"])
@@ -72,7 +72,7 @@ class TurnResponse(StreamingResponse):
     server stopping) the turn's event stream is closed here, so its streams are cancelled, the
     partial turn stored and the session lock and key slot released at once."""
 
-    def __init__(self, run: TurnRun, events: AsyncIterator[Any], **kwargs: Any) -> None:
+    def __init__(self, events: AsyncIterator[Any], **kwargs: Any) -> None:
         super().__init__(self._lines(events), **kwargs)
         self._events = events
 
@@ -110,7 +110,6 @@ async def create_turn(
         raise rejected(exc) from None
     if stream:
         return TurnResponse(
-            run,
             run.events(),
             media_type="application/x-ndjson",
             headers={"X-Session-Id": session_id, "X-Turn-Id": run.turn_id, "Cache-Control": "no-store"},
@@ -127,8 +126,6 @@ async def create_turn(
                 errors.append(event)
             elif isinstance(event, TurnDone):
                 done = event
-            elif isinstance(event, TextDelta):
-                pass
     finally:
         await events.aclose()
     assert done is not None

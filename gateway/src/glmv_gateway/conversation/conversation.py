@@ -44,7 +44,6 @@ from glmv_gateway.conversation.events import (
     SpeechStarted,
     SpeechStopped,
     TurnCancelled,
-    TurnDone,
     TurnTruncated,
     VersionMoved,
 )
@@ -151,7 +150,7 @@ class Conversation:
             return
         self._closed = True
         metrics.ACTIVE_CONVERSATIONS.labels(transport=self.transport).dec()
-        await self._stop_reply(by="close", announce=False)
+        await self._stop_reply(by="close")
         self._drop_listen()
         self._events.put_nowait(None)
 
@@ -164,7 +163,7 @@ class Conversation:
             yield event
 
     def emit(self, event: Event) -> None:
-        if not self._closed or isinstance(event, TurnCancelled | TurnTruncated | TurnDone):
+        if not self._closed:  # after close the stream has ended: nobody reads further events
             self._events.put_nowait(event)
 
     def error(self, kind: str, message: str, component: str | None = None) -> None:
@@ -431,7 +430,7 @@ class Conversation:
             self._turn_task = None
             await self.respond()
 
-    async def _stop_reply(self, *, by: str, announce: bool = True) -> bool:
+    async def _stop_reply(self, *, by: str) -> bool:
         task, run = self._turn_task, self._run
         self._turn_task = None
         if task is None or task.done() or run is None:
@@ -442,19 +441,11 @@ class Conversation:
         if by != "close":
             metrics.BARGE_INS.labels(by=by).inc()
         heard = run.state.heard()
-        if announce or self._closed:
-            self.emit(TurnCancelled(turn_id=run.turn_id, heard_ms=heard_ms(heard, run.state.sample_rate)))
-            truncated = (run.record or {}).get("truncated")
-            if truncated:
-                self.emit(TurnTruncated(turn_id=run.turn_id, **truncated))
+        self.emit(TurnCancelled(turn_id=run.turn_id, heard_ms=heard_ms(heard, run.state.sample_rate)))
+        truncated = (run.record or {}).get("truncated")
+        if truncated:
+            self.emit(TurnTruncated(turn_id=run.turn_id, **truncated))
         return True
-
-    async def wait_reply(self) -> None:
-        """Until the running reply (if any) has finished."""
-        task = self._turn_task
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
 
     # --- listening --------------------------------------------------------------------------------
 
@@ -551,18 +542,15 @@ class Conversation:
             user = UserInput(tokens=list(done.tokens), tokenize_ms=round(done.finish_ms, 1))
             ended, self._speech_ended_at = self._speech_ended_at, None
             respond = self.respond_on_commit if done.committed else td.create_response
-            if respond and self.replying and not done.committed and not td.interrupt_response:
+            self.pending_inputs.append(user)
+            self._pending_speech_end = ended
+            if not respond:
+                return
+            if self.replying and not done.committed and not td.interrupt_response:
                 # speech during a reply that may not be interrupted: answered when the reply ends
-                self.pending_inputs.append(user)
-                self._pending_speech_end = ended
                 self._respond_when_done = True
-            elif respond:
-                await self._stop_reply(by="commit")
-                self.pending_inputs.append(user)
-                self._pending_speech_end = ended
-                await self.respond()
             else:
-                self.pending_inputs.append(user)
-                self._pending_speech_end = ended
+                await self._stop_reply(by="commit")
+                await self.respond()
         elif kind == "cleared":
             self._pending_bytes, self._in_speech = 0, False
